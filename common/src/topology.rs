@@ -1,0 +1,1 @@
+//! Hardware topology detection (placeholder; filled in by the topology work).
