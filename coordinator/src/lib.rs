@@ -1,1 +1,16 @@
-//! The fly coordinator.
+//! The fly coordinator: the work queue and run state of every run, the SQLite store, the gRPC
+//! service agents and clients talk to, and the `run` client itself.
+//!
+//! Data flows one way through these modules: [`server`] turns gRPC streams into dispatcher
+//! inputs; [`dispatcher`] owns all run state and asks the pure [`scheduler`] what to hand out;
+//! [`store`] persists on a thread of its own; [`client`] and [`terminal`] are the `run`
+//! command's side; [`node`] wires a coordinator into this process.
+
+pub mod cli;
+pub mod client;
+pub mod dispatcher;
+pub mod node;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+pub mod terminal;

@@ -1,0 +1,1065 @@
+//! The dispatcher owns all run state: connected agents, runs, their collections, schedulers,
+//! per-test phase reports and followers.
+//!
+//! It runs as one task. gRPC handlers never touch run state: they send [`Input`]s through a
+//! channel and receive what concerns them on channels of their own. Each input is handled by
+//! plain synchronous code (`Dispatcher::handle`), which decides, tells the pure
+//! [`Scheduler`] what happened, and carries out its actions: messages to agents, writes to the
+//! store, events to followers. Only store flushes are awaited, off the loop, so a slow disk
+//! never stalls dispatch.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use fly_common::outcome::{final_outcome, Counts, Phase};
+use fly_common::proto::{
+    agent_message, coordinator_message, run_event, worker_event, AgentHello, AgentMessage,
+    AgentNotice, Assignment, CategoryCount, CollectedTest, Collected, CollectionFailed,
+    CoordinatorMessage, EndRun, Lease as WireLease, PhaseReport, PhaseResult, RunEvent,
+    RunFinished, RunStatus, SendCollection, StartRun, SubmitRequest, TestResult, Welcome, Work,
+    WorkerEvents,
+};
+use fly_common::{exit_code, PROTOCOL_VERSION};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+use crate::scheduler::{Action, AgentSlot, Event, LeaseStatus, Scheduler, WorkerKey};
+use crate::store::{Store, Write};
+
+pub type AgentTx = mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>;
+pub type FollowerTx = mpsc::UnboundedSender<Result<RunEvent, Status>>;
+
+/// Everything the outside world can tell the dispatcher.
+pub enum Input {
+    AgentJoined {
+        hello: AgentHello,
+        tx: AgentTx,
+        reply: oneshot::Sender<AgentSlot>,
+    },
+    AgentMessage {
+        slot: AgentSlot,
+        message: AgentMessage,
+    },
+    AgentGone {
+        slot: AgentSlot,
+        reason: String,
+    },
+    Submit {
+        request: SubmitRequest,
+        tx: FollowerTx,
+        reply: oneshot::Sender<String>,
+    },
+    Follow {
+        run_id: String,
+        tx: FollowerTx,
+    },
+    Cancel {
+        run_id: String,
+        reason: String,
+    },
+    /// The client that submitted the run went away.
+    SubmitterGone {
+        run_id: String,
+    },
+}
+
+/// A cheap handle for sending inputs to the dispatcher task.
+#[derive(Clone)]
+pub struct DispatcherHandle {
+    tx: mpsc::UnboundedSender<Input>,
+}
+
+impl DispatcherHandle {
+    /// Returns false when the dispatcher has stopped.
+    pub fn send(&self, input: Input) -> bool {
+        self.tx.send(input).is_ok()
+    }
+}
+
+/// Starts the dispatcher task.
+pub fn spawn(store: Store) -> (DispatcherHandle, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut dispatcher = Dispatcher::new(store);
+    let join = tokio::spawn(async move {
+        while let Some(input) = rx.recv().await {
+            dispatcher.handle(input, Instant::now());
+        }
+    });
+    (DispatcherHandle { tx }, join)
+}
+
+fn epoch_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+struct AgentConn {
+    id: String,
+    hostname: String,
+    workers: u32,
+    tx: AgentTx,
+    /// The run this agent serves now.
+    run: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunPhase {
+    /// No collection yet.
+    Collecting,
+    Running,
+    Finished,
+}
+
+/// An agent's collection as it arrives in chunks.
+#[derive(Default)]
+struct PartialCollection {
+    tests: Vec<CollectedTest>,
+    digest: String,
+    total: u32,
+    deselected: u32,
+    workers: u32,
+    /// The agent sent the full list (not only the digest).
+    has_list: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Membership {
+    /// StartRun sent; collection not yet accepted.
+    Joining,
+    Accepted,
+    Refused,
+}
+
+/// What is known of a test's current attempt while it runs.
+#[derive(Default)]
+struct CurrentAttempt {
+    agent_id: String,
+    worker: u32,
+    reports: Vec<PhaseReport>,
+}
+
+struct RunState {
+    id: String,
+    args: Vec<String>,
+    started: Instant,
+    phase: RunPhase,
+    collection: Option<Arc<Vec<CollectedTest>>>,
+    digest: String,
+    deselected: u32,
+    partial: HashMap<AgentSlot, PartialCollection>,
+    members: HashMap<AgentSlot, Membership>,
+    scheduler: Option<Scheduler>,
+    /// Phase reports of current leases, until the test finishes.
+    phases: HashMap<u64, CurrentAttempt>,
+    counts: Counts,
+    followers: Vec<FollowerTx>,
+}
+
+impl RunState {
+    fn broadcast(&mut self, event: run_event::Kind) {
+        let event = RunEvent { kind: Some(event) };
+        self.followers
+            .retain(|f| f.send(Ok(event.clone())).is_ok());
+    }
+
+    fn status(&self, agents: &HashMap<AgentSlot, AgentConn>, message: String) -> RunStatus {
+        let accepted: Vec<&AgentSlot> = self
+            .members
+            .iter()
+            .filter(|(_, m)| **m == Membership::Accepted)
+            .map(|(s, _)| s)
+            .collect();
+        RunStatus {
+            run_id: self.id.clone(),
+            message,
+            collected: self.collection.as_ref().map(|c| c.len() as u32).unwrap_or(0),
+            finished: self
+                .scheduler
+                .as_ref()
+                .map(|s| s.finished_count() as u32)
+                .unwrap_or(0),
+            agents: accepted.len() as u32,
+            workers: accepted
+                .iter()
+                .filter_map(|s| agents.get(s))
+                .map(|a| a.workers)
+                .sum(),
+        }
+    }
+}
+
+pub struct Dispatcher {
+    store: Store,
+    agents: HashMap<AgentSlot, AgentConn>,
+    next_slot: AgentSlot,
+    runs: HashMap<String, RunState>,
+    /// Unfinished runs, oldest first: idle agents go to the first that can use them.
+    queue: Vec<String>,
+    /// Work to send, gathered while handling one input so each agent gets one message.
+    outbox: HashMap<AgentSlot, Work>,
+}
+
+impl Dispatcher {
+    pub fn new(store: Store) -> Dispatcher {
+        Dispatcher {
+            store,
+            agents: HashMap::new(),
+            next_slot: 1,
+            runs: HashMap::new(),
+            queue: Vec::new(),
+            outbox: HashMap::new(),
+        }
+    }
+
+    pub fn handle(&mut self, input: Input, now: Instant) {
+        match input {
+            Input::AgentJoined { hello, tx, reply } => self.agent_joined(hello, tx, reply),
+            Input::AgentMessage { slot, message } => self.agent_message(slot, message, now),
+            Input::AgentGone { slot, reason } => self.agent_gone(slot, &reason, now),
+            Input::Submit { request, tx, reply } => self.submit(request, tx, reply, now),
+            Input::Follow { run_id, tx } => self.follow(&run_id, tx),
+            Input::Cancel { run_id, reason } => self.cancel(&run_id, &reason),
+            Input::SubmitterGone { run_id } => {
+                if self
+                    .runs
+                    .get(&run_id)
+                    .is_some_and(|r| r.phase != RunPhase::Finished)
+                {
+                    self.cancel(&run_id, "the client that submitted the run went away");
+                }
+            }
+        }
+        self.flush_outbox();
+    }
+
+    fn flush_outbox(&mut self) {
+        for (slot, work) in self.outbox.drain() {
+            if let Some(agent) = self.agents.get(&slot) {
+                let message = CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::Work(work)),
+                };
+                let _ = agent.tx.send(Ok(message));
+            }
+        }
+    }
+
+    fn send_to(&self, slot: AgentSlot, kind: coordinator_message::Kind) {
+        if let Some(agent) = self.agents.get(&slot) {
+            let _ = agent.tx.send(Ok(CoordinatorMessage { kind: Some(kind) }));
+        }
+    }
+
+    // --- agents ------------------------------------------------------------------------------
+
+    fn agent_joined(&mut self, hello: AgentHello, tx: AgentTx, reply: oneshot::Sender<AgentSlot>) {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        let topology = hello.topology.clone().unwrap_or_default();
+        info!(
+            agent = %hello.agent_id,
+            host = %hello.hostname,
+            workers = hello.workers,
+            "agent joined"
+        );
+        self.store.write(Write::AgentConnected {
+            agent_id: hello.agent_id.clone(),
+            hostname: hello.hostname.clone(),
+            fly_version: hello.fly_version.clone(),
+            protocol_version: hello.protocol_version,
+            workers: hello.workers,
+            topology,
+            labels: hello
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            workdir: hello.workdir.clone(),
+            python: hello.python.clone(),
+            connected_at: epoch_now(),
+        });
+        let _ = tx.send(Ok(CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Welcome(Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                coordinator_id: String::new(),
+            })),
+        }));
+        self.agents.insert(
+            slot,
+            AgentConn {
+                id: hello.agent_id,
+                hostname: hello.hostname,
+                workers: hello.workers.max(1),
+                tx,
+                run: None,
+            },
+        );
+        let _ = reply.send(slot);
+        self.assign_idle_agents();
+    }
+
+    fn agent_gone(&mut self, slot: AgentSlot, reason: &str, now: Instant) {
+        let Some(agent) = self.agents.remove(&slot) else {
+            return;
+        };
+        info!(agent = %agent.id, host = %agent.hostname, %reason, "agent left");
+        self.store.write(Write::AgentDisconnected {
+            agent_id: agent.id.clone(),
+            at: epoch_now(),
+            reason: reason.to_string(),
+        });
+        if let Some(run_id) = agent.run {
+            if let Some(run) = self.runs.get_mut(&run_id) {
+                run.members.remove(&slot);
+                run.partial.remove(&slot);
+                let message = format!(
+                    "agent {} ({}) left: {reason}; its tests go back to the queue",
+                    agent.hostname, agent.id
+                );
+                run.broadcast(run_event::Kind::Notice(AgentNotice {
+                    run_id: run_id.clone(),
+                    message,
+                }));
+                if let Some(scheduler) = run.scheduler.as_mut() {
+                    let actions = scheduler.handle(Event::AgentLost(slot), now);
+                    self.apply(&run_id, actions);
+                } else if run.phase == RunPhase::Collecting {
+                    self.ask_for_collection(&run_id);
+                }
+            }
+        }
+    }
+
+    /// Gives every idle agent to the oldest unfinished run that has not refused it.
+    fn assign_idle_agents(&mut self) {
+        let mut idle: Vec<AgentSlot> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.run.is_none())
+            .map(|(s, _)| *s)
+            .collect();
+        idle.sort_unstable();
+        for slot in idle {
+            let Some(run_id) = self
+                .queue
+                .iter()
+                .find(|id| {
+                    self.runs
+                        .get(*id)
+                        .is_some_and(|r| !r.members.contains_key(&slot))
+                })
+                .cloned()
+            else {
+                continue;
+            };
+            self.start_run_on(slot, &run_id);
+        }
+    }
+
+    fn start_run_on(&mut self, slot: AgentSlot, run_id: &str) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let Some(agent) = self.agents.get_mut(&slot) else {
+            return;
+        };
+        agent.run = Some(run_id.to_string());
+        run.members.insert(slot, Membership::Joining);
+        let start = StartRun {
+            run_id: run_id.to_string(),
+            pytest_args: run.args.clone(),
+            want_collection: run.collection.is_none(),
+            expected_digest: run.digest.clone(),
+        };
+        let message = format!(
+            "agent {} joined the run with {} workers",
+            agent.hostname, agent.workers
+        );
+        let status = run.status(&self.agents, message);
+        run.broadcast(run_event::Kind::Status(status));
+        self.send_to(slot, coordinator_message::Kind::StartRun(start));
+    }
+
+    /// With no collection yet and no agent asked for one (the asked one left), ask another.
+    fn ask_for_collection(&mut self, run_id: &str) {
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        if run.collection.is_some() {
+            return;
+        }
+        let slots: Vec<AgentSlot> = run
+            .members
+            .iter()
+            .filter(|(_, m)| **m == Membership::Joining)
+            .map(|(s, _)| *s)
+            .collect();
+        for slot in slots {
+            self.send_to(
+                slot,
+                coordinator_message::Kind::SendCollection(SendCollection {
+                    run_id: run_id.to_string(),
+                }),
+            );
+        }
+    }
+
+    fn agent_message(&mut self, slot: AgentSlot, message: AgentMessage, now: Instant) {
+        let Some(kind) = message.kind else {
+            warn!(slot, "empty message from agent ignored");
+            return;
+        };
+        match kind {
+            agent_message::Kind::Hello(_) => {
+                warn!(slot, "second hello from an agent ignored");
+            }
+            agent_message::Kind::Collected(collected) => self.collected(slot, collected),
+            agent_message::Kind::CollectionFailed(failed) => self.collection_failed(slot, failed),
+            agent_message::Kind::Events(events) => self.worker_events(slot, events, now),
+            agent_message::Kind::Notice(notice) => {
+                let host = self
+                    .agents
+                    .get(&slot)
+                    .map(|a| a.hostname.clone())
+                    .unwrap_or_default();
+                warn!(host = %host, message = %notice.message, "agent notice");
+                if let Some(run) = self.runs.get_mut(&notice.run_id) {
+                    run.broadcast(run_event::Kind::Notice(AgentNotice {
+                        run_id: notice.run_id.clone(),
+                        message: format!("{host}: {}", notice.message),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Is `slot` serving `run_id` right now? Messages for any other run are stale.
+    fn serves(&self, slot: AgentSlot, run_id: &str) -> bool {
+        self.agents
+            .get(&slot)
+            .is_some_and(|a| a.run.as_deref() == Some(run_id))
+    }
+
+    fn collected(&mut self, slot: AgentSlot, chunk: Collected) {
+        if !self.serves(slot, &chunk.run_id) {
+            debug!(slot, run = %chunk.run_id, "collection for a run the agent does not serve");
+            return;
+        }
+        let run_id = chunk.run_id.clone();
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        let partial = run.partial.entry(slot).or_default();
+        partial.has_list |= !chunk.tests.is_empty();
+        partial.tests.extend(chunk.tests);
+        partial.digest = chunk.digest;
+        partial.total = chunk.total;
+        partial.deselected = chunk.deselected;
+        partial.workers = chunk.workers;
+        if !chunk.done {
+            return;
+        }
+        let Some(partial) = run.partial.remove(&slot) else {
+            return;
+        };
+        if run.collection.is_none() {
+            if partial.total > 0 && !partial.has_list {
+                // Only a digest arrived (another agent was meant to send the list): ask.
+                self.send_to(
+                    slot,
+                    coordinator_message::Kind::SendCollection(SendCollection { run_id }),
+                );
+                return;
+            }
+            if partial.tests.len() != partial.total as usize {
+                self.refuse(
+                    slot,
+                    &run_id,
+                    format!(
+                        "sent {} of the {} tests it announced",
+                        partial.tests.len(),
+                        partial.total
+                    ),
+                );
+                return;
+            }
+            self.accept_first_collection(slot, &run_id, partial);
+            return;
+        }
+        if partial.digest == run.digest {
+            run.members.insert(slot, Membership::Accepted);
+            let workers = self.agents.get(&slot).map(|a| a.workers).unwrap_or(0);
+            self.store.write(Write::RunAgent {
+                run_id: run_id.clone(),
+                agent_id: self.agent_id(slot),
+                workers,
+                accepted: true,
+                reason: String::new(),
+            });
+            return;
+        }
+        if !partial.has_list && partial.total > 0 {
+            // Find out which tests differ before refusing, so the message can name them.
+            run.members.insert(slot, Membership::Joining);
+            self.send_to(
+                slot,
+                coordinator_message::Kind::SendCollection(SendCollection { run_id }),
+            );
+            return;
+        }
+        let theirs: HashSet<&str> = partial.tests.iter().map(|t| t.nodeid.as_str()).collect();
+        let reason = match run.collection.as_ref() {
+            Some(ours) => describe_difference(ours, &theirs, partial.total),
+            None => "a different collection".to_string(),
+        };
+        self.refuse(slot, &run_id, reason);
+    }
+
+    fn accept_first_collection(&mut self, slot: AgentSlot, run_id: &str, partial: PartialCollection) {
+        let agent_id = self.agent_id(slot);
+        let workers = self.agents.get(&slot).map(|a| a.workers).unwrap_or(0);
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let tests = Arc::new(partial.tests);
+        run.digest = partial.digest;
+        run.deselected = partial.deselected;
+        run.counts.add("deselected", partial.deselected);
+        run.collection = Some(tests.clone());
+        run.scheduler = Some(Scheduler::new(tests.len() as u32));
+        run.phase = RunPhase::Running;
+        run.members.insert(slot, Membership::Accepted);
+        self.store.write(Write::RunCollected {
+            run_id: run_id.to_string(),
+            tests: tests.clone(),
+            deselected: partial.deselected,
+        });
+        self.store.write(Write::RunStarted {
+            run_id: run_id.to_string(),
+            started_at: epoch_now(),
+        });
+        self.store.write(Write::RunAgent {
+            run_id: run_id.to_string(),
+            agent_id,
+            workers,
+            accepted: true,
+            reason: String::new(),
+        });
+        let message = format!("collected {} tests", tests.len());
+        let status = run.status(&self.agents, message);
+        run.broadcast(run_event::Kind::Status(status));
+        // Agents that joined meanwhile compare their digests when their chunks complete.
+        if tests.is_empty() {
+            self.finish(run_id, exit_code::NO_TESTS_COLLECTED, String::new(), String::new());
+        }
+    }
+
+    fn refuse(&mut self, slot: AgentSlot, run_id: &str, reason: String) {
+        let (host, agent_id) = self
+            .agents
+            .get(&slot)
+            .map(|a| (a.hostname.clone(), a.id.clone()))
+            .unwrap_or_default();
+        let message = format!(
+            "agent {host} ({agent_id}) takes no work in this run: its checkout differs: {reason}"
+        );
+        warn!(run = %run_id, "{message}");
+        if let Some(run) = self.runs.get_mut(run_id) {
+            run.members.insert(slot, Membership::Refused);
+            run.broadcast(run_event::Kind::Notice(AgentNotice {
+                run_id: run_id.to_string(),
+                message: message.clone(),
+            }));
+        }
+        self.store.write(Write::RunAgent {
+            run_id: run_id.to_string(),
+            agent_id,
+            workers: 0,
+            accepted: false,
+            reason: reason.clone(),
+        });
+        self.send_to(
+            slot,
+            coordinator_message::Kind::EndRun(EndRun {
+                run_id: run_id.to_string(),
+                cancelled: false,
+                reason: message,
+            }),
+        );
+        if let Some(agent) = self.agents.get_mut(&slot) {
+            agent.run = None;
+        }
+        self.assign_idle_agents();
+    }
+
+    fn collection_failed(&mut self, slot: AgentSlot, failed: CollectionFailed) {
+        if !self.serves(slot, &failed.run_id) {
+            return;
+        }
+        let run_id = failed.run_id.clone();
+        let Some(run) = self.runs.get(&run_id) else {
+            return;
+        };
+        if run.collection.is_none() {
+            // The run's arguments or its suite are broken: pytest's own verdict is the run's.
+            let code = if failed.exit_code == 0 {
+                exit_code::INTERNAL_ERROR
+            } else {
+                failed.exit_code
+            };
+            self.finish(&run_id, code, failed.output, String::new());
+        } else {
+            let mut reason = format!("pytest exited with code {} before running tests", failed.exit_code);
+            let tail: String = tail_lines(&failed.output, 20);
+            if !tail.is_empty() {
+                reason.push_str(":\n");
+                reason.push_str(&tail);
+            }
+            self.refuse(slot, &run_id, reason);
+        }
+    }
+
+    fn agent_id(&self, slot: AgentSlot) -> String {
+        self.agents
+            .get(&slot)
+            .map(|a| a.id.clone())
+            .unwrap_or_default()
+    }
+
+    fn worker_events(&mut self, slot: AgentSlot, events: WorkerEvents, now: Instant) {
+        let run_id = events.run_id;
+        if !self.serves(slot, &run_id) {
+            debug!(slot, run = %run_id, "worker events for a run the agent does not serve");
+            return;
+        }
+        let agent_id = self.agent_id(slot);
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        if run.members.get(&slot) != Some(&Membership::Accepted) {
+            debug!(slot, run = %run_id, "worker events from an agent not accepted in the run");
+            return;
+        }
+        let (Some(scheduler), Some(collection)) = (run.scheduler.as_mut(), run.collection.clone())
+        else {
+            return;
+        };
+        let mut actions = Vec::new();
+        for event in events.events {
+            let key = WorkerKey {
+                agent: slot,
+                worker: event.worker,
+            };
+            let Some(kind) = event.kind else {
+                continue;
+            };
+            match kind {
+                worker_event::Kind::WantWork(_) => {
+                    actions.extend(scheduler.handle(Event::WantWork(key), now));
+                }
+                worker_event::Kind::Started(started) => {
+                    actions.extend(scheduler.handle(Event::Started { lease: started.lease }, now));
+                }
+                worker_event::Kind::Report(report) => {
+                    let status = scheduler.lease_status(report.lease);
+                    let (test, current) = match status {
+                        LeaseStatus::Current { test, worker } if worker == key => (test, true),
+                        LeaseStatus::Current { test, .. } | LeaseStatus::Superseded { test } => {
+                            (test, false)
+                        }
+                        LeaseStatus::Unknown => {
+                            warn!(
+                                agent = %agent_id,
+                                lease = report.lease,
+                                "report for a lease never handed out rejected"
+                            );
+                            continue;
+                        }
+                    };
+                    if test != report.test_index {
+                        warn!(agent = %agent_id, lease = report.lease, "report names the wrong test; rejected");
+                        continue;
+                    }
+                    let Some(phase) = Phase::from_proto(report.phase) else {
+                        warn!(agent = %agent_id, "report without a phase rejected");
+                        continue;
+                    };
+                    let nodeid = collection
+                        .get(test as usize)
+                        .map(|t| t.nodeid.clone())
+                        .unwrap_or_default();
+                    self.store.write(Write::Report {
+                        run_id: run_id.clone(),
+                        nodeid,
+                        agent_id: agent_id.clone(),
+                        worker: key.worker,
+                        superseded: !current,
+                        report: report.clone(),
+                    });
+                    if current {
+                        let entry = run.phases.entry(report.lease).or_default();
+                        entry.agent_id.clone_from(&agent_id);
+                        entry.worker = key.worker;
+                        // A duplicate report for a phase replaces nothing: the first one counts.
+                        if entry.reports.iter().any(|r| r.phase == report.phase) {
+                            warn!(agent = %agent_id, lease = report.lease, phase = phase.as_str(), "duplicate report ignored");
+                        } else {
+                            entry.reports.push(report);
+                        }
+                    }
+                }
+                worker_event::Kind::Finished(finished) => {
+                    actions.extend(
+                        scheduler.handle(Event::Finished { lease: finished.lease }, now),
+                    );
+                }
+                worker_event::Kind::Exited(exited) => {
+                    if !exited.reason.is_empty() && exited.reason != "shutdown" {
+                        warn!(agent = %agent_id, worker = key.worker, reason = %exited.reason, "worker exited");
+                    }
+                    actions.extend(scheduler.handle(
+                        Event::WorkerExited {
+                            worker: key,
+                            unstarted: exited.unstarted,
+                        },
+                        now,
+                    ));
+                }
+            }
+        }
+        self.apply(&run_id, actions);
+    }
+
+    /// Carries out the scheduler's actions for one run.
+    fn apply(&mut self, run_id: &str, actions: Vec<Action>) {
+        let mut run_done = false;
+        for action in actions {
+            match action {
+                Action::Assign { worker, leases } => {
+                    let work = self.outbox.entry(worker.agent).or_insert_with(|| Work {
+                        run_id: run_id.to_string(),
+                        assignments: Vec::new(),
+                    });
+                    work.assignments.push(Assignment {
+                        worker: worker.worker,
+                        leases: leases
+                            .iter()
+                            .map(|l| WireLease {
+                                lease: l.lease,
+                                test_index: l.test,
+                            })
+                            .collect(),
+                    });
+                }
+                Action::NoWork { worker } => {
+                    let work = self.outbox.entry(worker.agent).or_insert_with(|| Work {
+                        run_id: run_id.to_string(),
+                        assignments: Vec::new(),
+                    });
+                    work.assignments.push(Assignment {
+                        worker: worker.worker,
+                        leases: Vec::new(),
+                    });
+                }
+                Action::TestDone { test, lease } => self.test_done(run_id, test, lease),
+                Action::RunDone => run_done = true,
+            }
+        }
+        if run_done {
+            let failed = self
+                .runs
+                .get(run_id)
+                .is_some_and(|r| r.counts.any_failed());
+            let code = if failed {
+                exit_code::TESTS_FAILED
+            } else {
+                exit_code::OK
+            };
+            self.finish(run_id, code, String::new(), String::new());
+        }
+    }
+
+    fn test_done(&mut self, run_id: &str, test: u32, lease: u64) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let attempt = run.phases.remove(&lease).unwrap_or_default();
+        let phases = &attempt.reports;
+        let Some(info) = run.collection.as_ref().and_then(|c| c.get(test as usize)).cloned() else {
+            return;
+        };
+        let mut outcome_input = Vec::new();
+        let mut duration = 0.0;
+        for report in phases {
+            if let Some(phase) = Phase::from_proto(report.phase) {
+                outcome_input.push((phase, report.category.as_str()));
+            }
+            run.counts.add(&report.category, 1);
+            duration += report.duration;
+        }
+        let outcome = if phases.is_empty() {
+            // Finished without a single report (a worker that lost its reports): an error,
+            // never a silent pass.
+            run.counts.add("error", 1);
+            "error".to_string()
+        } else {
+            final_outcome(outcome_input)
+        };
+        let attempts = run.scheduler.as_ref().map(|s| s.attempts(test)).unwrap_or(1);
+        let interesting = matches!(outcome.as_str(), "failed" | "error")
+            || phases.iter().any(|r| r.category == "error" || r.category == "failed");
+        let result = TestResult {
+            test_index: test,
+            nodeid: info.nodeid.clone(),
+            outcome: outcome.clone(),
+            duration,
+            agent_id: attempt.agent_id.clone(),
+            worker: attempt.worker,
+            phases: phases
+                .iter()
+                .map(|r| PhaseResult {
+                    phase: r.phase,
+                    outcome: r.outcome.clone(),
+                    category: r.category.clone(),
+                    duration: r.duration,
+                    longrepr: if interesting || r.category == "skipped" {
+                        r.longrepr.clone()
+                    } else {
+                        String::new()
+                    },
+                    sections: if interesting { r.sections.clone() } else { Vec::new() },
+                    message: r.message.clone(),
+                })
+                .collect(),
+            attempts,
+        };
+        self.store.write(Write::TestResult {
+            run_id: run_id.to_string(),
+            test_index: test,
+            nodeid: info.nodeid,
+            outcome,
+            duration,
+            attempts,
+            lease,
+            agent_id: attempt.agent_id.clone(),
+            worker: attempt.worker,
+        });
+        run.broadcast(run_event::Kind::Result(result));
+    }
+
+    // --- runs --------------------------------------------------------------------------------
+
+    fn submit(
+        &mut self,
+        request: SubmitRequest,
+        tx: FollowerTx,
+        reply: oneshot::Sender<String>,
+        now: Instant,
+    ) {
+        let run_id = uuid::Uuid::new_v4().to_string();
+        info!(run = %run_id, project = %request.project, args = ?request.pytest_args, "run submitted");
+        self.store.write(Write::RunCreated {
+            run_id: run_id.clone(),
+            project: request.project.clone(),
+            pytest_args: request.pytest_args.clone(),
+            client_cwd: request.client_cwd.clone(),
+            created_at: epoch_now(),
+        });
+        let mut run = RunState {
+            id: run_id.clone(),
+            args: request.pytest_args,
+            started: now,
+            phase: RunPhase::Collecting,
+            collection: None,
+            digest: String::new(),
+            deselected: 0,
+            partial: HashMap::new(),
+            members: HashMap::new(),
+            scheduler: None,
+            phases: HashMap::new(),
+            counts: Counts::default(),
+            followers: vec![tx],
+        };
+        let waiting = if self.agents.values().any(|a| a.run.is_none()) {
+            "starting".to_string()
+        } else if self.agents.is_empty() {
+            "waiting for an agent to connect".to_string()
+        } else {
+            "waiting for a free agent".to_string()
+        };
+        let status = run.status(&self.agents, waiting);
+        run.broadcast(run_event::Kind::Status(status));
+        self.runs.insert(run_id.clone(), run);
+        self.queue.push(run_id.clone());
+        let _ = reply.send(run_id);
+        self.assign_idle_agents();
+    }
+
+    fn follow(&mut self, run_id: &str, tx: FollowerTx) {
+        match self.runs.get_mut(run_id) {
+            Some(run) => {
+                let status = run.status(&self.agents, "following".into());
+                let _ = tx.send(Ok(RunEvent {
+                    kind: Some(run_event::Kind::Status(status)),
+                }));
+                if run.phase == RunPhase::Finished {
+                    // Finished runs keep no followers; the store has their results.
+                    let _ = tx.send(Err(Status::failed_precondition(format!(
+                        "run {run_id} has finished"
+                    ))));
+                } else {
+                    run.followers.push(tx);
+                }
+            }
+            None => {
+                let _ = tx.send(Err(Status::not_found(format!("no run {run_id}"))));
+            }
+        }
+    }
+
+    fn cancel(&mut self, run_id: &str, reason: &str) {
+        if self
+            .runs
+            .get(run_id)
+            .is_some_and(|r| r.phase != RunPhase::Finished)
+        {
+            info!(run = %run_id, %reason, "run cancelled");
+            self.finish(
+                run_id,
+                exit_code::INTERRUPTED,
+                String::new(),
+                format!("run cancelled: {reason}"),
+            );
+        }
+    }
+
+    /// Ends a run: releases its agents, records the verdict, and tells followers once every
+    /// write of the run is on disk.
+    fn finish(&mut self, run_id: &str, code: i32, output: String, message: String) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.phase == RunPhase::Finished {
+            return;
+        }
+        let cancelled = code == exit_code::INTERRUPTED;
+        run.phase = RunPhase::Finished;
+        let wall = run.started.elapsed().as_secs_f64();
+        let slots: Vec<AgentSlot> = run.members.keys().copied().collect();
+        for slot in slots {
+            if self
+                .agents
+                .get(&slot)
+                .is_some_and(|a| a.run.as_deref() == Some(run_id))
+            {
+                self.send_to(
+                    slot,
+                    coordinator_message::Kind::EndRun(EndRun {
+                        run_id: run_id.to_string(),
+                        cancelled,
+                        reason: String::new(),
+                    }),
+                );
+                if let Some(agent) = self.agents.get_mut(&slot) {
+                    agent.run = None;
+                }
+            }
+        }
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let counts: Vec<(String, u32)> = run.counts.ordered();
+        let collected = run.collection.as_ref().map(|c| c.len() as u32).unwrap_or(0);
+        let status = match code {
+            exit_code::OK => "passed",
+            exit_code::TESTS_FAILED => "failed",
+            exit_code::INTERRUPTED => "interrupted",
+            exit_code::USAGE_ERROR => "usage_error",
+            exit_code::NO_TESTS_COLLECTED => "no_tests",
+            _ => "error",
+        };
+        self.store.write(Write::RunFinished {
+            run_id: run_id.to_string(),
+            status: status.to_string(),
+            exit_code: code,
+            finished_at: epoch_now(),
+            counts: counts.clone(),
+            message: if message.is_empty() {
+                output.clone()
+            } else {
+                message.clone()
+            },
+        });
+        let finished = RunEvent {
+            kind: Some(run_event::Kind::Finished(RunFinished {
+                exit_code: code,
+                counts: counts
+                    .into_iter()
+                    .map(|(category, count)| CategoryCount { category, count })
+                    .collect(),
+                wall_seconds: wall,
+                output,
+                message,
+                collected,
+            })),
+        };
+        let followers = std::mem::take(&mut run.followers);
+        // Drop what only a live run needs; keep the record for `follow` to answer.
+        run.scheduler = None;
+        run.phases.clear();
+        run.partial.clear();
+        run.collection = None;
+        self.queue.retain(|id| id != run_id);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(err) = store.flush().await {
+                warn!(%err, "store flush before reporting a finished run failed");
+            }
+            for follower in followers {
+                let _ = follower.send(Ok(finished.clone()));
+            }
+        });
+        self.assign_idle_agents();
+    }
+}
+
+/// Names a few of the tests that differ between the run's collection and an agent's.
+fn describe_difference(ours: &[CollectedTest], theirs: &HashSet<&str>, their_total: u32) -> String {
+    let our_ids: HashSet<&str> = ours.iter().map(|t| t.nodeid.as_str()).collect();
+    let missing: Vec<&str> = ours
+        .iter()
+        .map(|t| t.nodeid.as_str())
+        .filter(|id| !theirs.contains(id))
+        .take(5)
+        .collect();
+    let mut extra: Vec<&str> = theirs
+        .iter()
+        .copied()
+        .filter(|id| !our_ids.contains(id))
+        .collect();
+    extra.sort_unstable();
+    extra.truncate(5);
+    let mut parts = vec![format!(
+        "it collected {their_total} tests, the run has {}",
+        ours.len()
+    )];
+    if !extra.is_empty() {
+        parts.push(format!("only on the agent: {}", extra.join(", ")));
+    }
+    if !missing.is_empty() {
+        parts.push(format!("missing on the agent: {}", missing.join(", ")));
+    }
+    if extra.is_empty() && missing.is_empty() {
+        parts.push("the same tests in a different order".into());
+    }
+    parts.join("; ")
+}
+
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join("\n")
+}

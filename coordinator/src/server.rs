@@ -1,0 +1,205 @@
+//! The gRPC face of the coordinator: turns agent streams and client calls into dispatcher
+//! inputs, and the dispatcher's answers back into streams.
+//!
+//! Nothing here decides anything about runs. It checks what must be checked before the
+//! dispatcher sees a message (the protocol version on every first message) and notices when a
+//! stream ends, which is how an agent's or a client's departure becomes known.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use fly_common::proto::agents_server::{Agents, AgentsServer};
+use fly_common::proto::runs_server::{Runs, RunsServer};
+use fly_common::proto::{
+    agent_message, coordinator_message, AgentMessage, CancelRequest, CancelResponse,
+    CoordinatorMessage, FollowRequest, Reject, RunEvent, SubmitRequest,
+};
+use fly_common::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::dispatcher::{DispatcherHandle, Input};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// How long an agent may take to say hello before its stream is closed.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct Service {
+    dispatcher: DispatcherHandle,
+}
+
+impl Service {
+    pub fn new(dispatcher: DispatcherHandle) -> Service {
+        Service { dispatcher }
+    }
+
+    pub fn agents_server(&self) -> AgentsServer<Service> {
+        AgentsServer::new(self.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub fn runs_server(&self) -> RunsServer<Service> {
+        RunsServer::new(self.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn unavailable() -> Status {
+        Status::unavailable("the coordinator is shutting down")
+    }
+}
+
+fn version_mismatch(theirs: u32, who: &str) -> String {
+    format!(
+        "protocol version mismatch: this coordinator speaks fly protocol {PROTOCOL_VERSION}, the \
+         {who} speaks {theirs}; run the same fly version on both sides"
+    )
+}
+
+#[tonic::async_trait]
+impl Agents for Service {
+    type JoinStream = BoxStream<CoordinatorMessage>;
+
+    async fn join(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::JoinStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "in-process".into());
+        let mut inbound = request.into_inner();
+        let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(status))) => return Err(status),
+            Ok(None) => return Err(Status::invalid_argument("stream ended before hello")),
+            Err(_) => return Err(Status::deadline_exceeded("no hello within 30 s")),
+        };
+        let hello = match first.kind {
+            Some(agent_message::Kind::Hello(hello)) => hello,
+            _ => {
+                warn!(%peer, "agent stream did not start with a hello; refused");
+                return Err(Status::invalid_argument(
+                    "the first message on an agent stream must be a hello",
+                ));
+            }
+        };
+        if hello.protocol_version != PROTOCOL_VERSION {
+            let reason = version_mismatch(hello.protocol_version, "agent");
+            warn!(%peer, agent = %hello.agent_id, "{reason}");
+            let reject = CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Reject(Reject {
+                    protocol_version: PROTOCOL_VERSION,
+                    reason,
+                })),
+            };
+            return Ok(Response::new(Box::pin(tokio_stream::once(Ok(reject)))));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let agent_id = hello.agent_id.clone();
+        info!(%peer, agent = %agent_id, "agent connecting");
+        if !self.dispatcher.send(Input::AgentJoined {
+            hello,
+            tx,
+            reply: reply_tx,
+        }) {
+            return Err(Self::unavailable());
+        }
+        let slot = reply_rx.await.map_err(|_| Self::unavailable())?;
+        let dispatcher = self.dispatcher.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.next().await {
+                    Some(Ok(message)) => {
+                        if !dispatcher.send(Input::AgentMessage { slot, message }) {
+                            return;
+                        }
+                    }
+                    Some(Err(status)) => break format!("stream error: {}", status.message()),
+                    None => break "disconnected".to_string(),
+                }
+            };
+            dispatcher.send(Input::AgentGone { slot, reason });
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl Runs for Service {
+    type SubmitStream = BoxStream<RunEvent>;
+    type FollowStream = BoxStream<RunEvent>;
+
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<Self::SubmitStream>, Status> {
+        let request = request.into_inner();
+        if request.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(version_mismatch(
+                request.protocol_version,
+                "client",
+            )));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let watch = tx.clone();
+        if !self.dispatcher.send(Input::Submit {
+            request,
+            tx,
+            reply: reply_tx,
+        }) {
+            return Err(Self::unavailable());
+        }
+        let run_id = reply_rx.await.map_err(|_| Self::unavailable())?;
+        // The run lives as long as its submitter's stream.
+        let dispatcher = self.dispatcher.clone();
+        tokio::spawn(async move {
+            watch.closed().await;
+            dispatcher.send(Input::SubmitterGone { run_id });
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn follow(
+        &self,
+        request: Request<FollowRequest>,
+    ) -> Result<Response<Self::FollowStream>, Status> {
+        let request = request.into_inner();
+        if request.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(version_mismatch(
+                request.protocol_version,
+                "client",
+            )));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        if !self.dispatcher.send(Input::Follow {
+            run_id: request.run_id,
+            tx,
+        }) {
+            return Err(Self::unavailable());
+        }
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        let request = request.into_inner();
+        if !self.dispatcher.send(Input::Cancel {
+            run_id: request.run_id,
+            reason: "cancelled by a client".into(),
+        }) {
+            return Err(Self::unavailable());
+        }
+        Ok(Response::new(CancelResponse {}))
+    }
+}
