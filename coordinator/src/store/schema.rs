@@ -1,0 +1,205 @@
+//! The store's SQLite schema: opening a connection with the settings the store relies on, and
+//! the ordered migrations that bring a database file up to the version this binary knows.
+//!
+//! The schema version lives in `PRAGMA user_version`. Migration N (1-based) is `MIGRATIONS[N-1]`;
+//! each one runs in its own transaction together with the bump of `user_version`, so a crash
+//! mid-migration leaves the file at the previous version, never half-migrated. Migrations are
+//! only ever appended: a released script is never edited, because databases in the field
+//! already ran it. Planned later versions add duration history, attempt/lease tables and
+//! retention; they go after `V1_INITIAL` in `MIGRATIONS`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::StoreError;
+
+/// Every migration, in order. The schema version of a fully migrated database is the length of
+/// this list.
+const MIGRATIONS: &[&str] = &[V1_INITIAL];
+
+/// The schema version this binary writes. A database with a higher `user_version` was written
+/// by a newer fly and is refused rather than guessed at.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Version 1: runs, agents, which agents served which run, each run's collection, every phase
+/// report of every attempt, and one final result per test.
+///
+/// There are deliberately no foreign keys: the writer must never reject a report because the
+/// row it refers to is missing (a bug elsewhere must not lose data or stop the writer).
+const V1_INITIAL: &str = r#"
+CREATE TABLE runs (
+    id           TEXT PRIMARY KEY NOT NULL,
+    project      TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    pytest_args  TEXT NOT NULL,
+    client_cwd   TEXT,
+    created_at   REAL NOT NULL,
+    started_at   REAL,
+    finished_at  REAL,
+    exit_code    INTEGER,
+    collected    INTEGER,
+    deselected   INTEGER,
+    counts       TEXT,
+    message      TEXT
+);
+CREATE INDEX runs_by_project ON runs (project, created_at);
+
+CREATE TABLE agents (
+    id                 TEXT PRIMARY KEY NOT NULL,
+    hostname           TEXT NOT NULL,
+    fly_version        TEXT NOT NULL,
+    protocol_version   INTEGER NOT NULL,
+    workers            INTEGER NOT NULL,
+    logical_cpus       INTEGER NOT NULL,
+    physical_cores     INTEGER NOT NULL,
+    performance_cores  INTEGER NOT NULL,
+    efficiency_cores   INTEGER NOT NULL,
+    threads_per_core   INTEGER NOT NULL,
+    cpu_quota          REAL,
+    memory_bytes       INTEGER NOT NULL,
+    core_kind_source   TEXT NOT NULL,
+    os                 TEXT NOT NULL,
+    arch               TEXT NOT NULL,
+    topology           TEXT NOT NULL,
+    labels             TEXT NOT NULL,
+    workdir            TEXT NOT NULL,
+    python             TEXT NOT NULL,
+    connected_at       REAL NOT NULL,
+    disconnected_at    REAL,
+    disconnect_reason  TEXT
+);
+
+CREATE TABLE run_agents (
+    run_id    TEXT NOT NULL,
+    agent_id  TEXT NOT NULL,
+    workers   INTEGER NOT NULL,
+    accepted  INTEGER NOT NULL,
+    reason    TEXT,
+    PRIMARY KEY (run_id, agent_id)
+);
+
+CREATE TABLE run_tests (
+    run_id      TEXT NOT NULL,
+    test_index  INTEGER NOT NULL,
+    nodeid      TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    line        INTEGER,
+    PRIMARY KEY (run_id, test_index)
+);
+
+CREATE TABLE reports (
+    id          INTEGER PRIMARY KEY,
+    run_id      TEXT NOT NULL,
+    test_index  INTEGER NOT NULL,
+    nodeid      TEXT NOT NULL,
+    lease       INTEGER NOT NULL,
+    phase       TEXT,
+    outcome     TEXT NOT NULL,
+    category    TEXT NOT NULL,
+    duration    REAL NOT NULL,
+    start       REAL NOT NULL,
+    stop        REAL NOT NULL,
+    agent_id    TEXT NOT NULL,
+    worker      INTEGER NOT NULL,
+    longrepr    TEXT,
+    message     TEXT,
+    sections    TEXT,
+    superseded  INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX reports_by_test ON reports (run_id, test_index);
+
+CREATE TABLE results (
+    run_id      TEXT NOT NULL,
+    test_index  INTEGER NOT NULL,
+    nodeid      TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    duration    REAL NOT NULL,
+    attempts    INTEGER NOT NULL,
+    lease       INTEGER NOT NULL,
+    agent_id    TEXT NOT NULL,
+    worker      INTEGER NOT NULL,
+    PRIMARY KEY (run_id, test_index)
+);
+"#;
+
+/// Opens (or creates) the database file and applies the settings the store relies on: WAL so
+/// readers never block the writer, `synchronous=NORMAL` (durable at every checkpoint, and a
+/// power cut loses at most the last commits, never corrupts), and a busy timeout so a short
+/// lock by another process is waited out inside SQLite before the writer's own retry kicks in.
+pub(super) fn connect(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
+    let sqlite = |action: &'static str| {
+        move |source: rusqlite::Error| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            action,
+            source,
+        }
+    };
+    let conn = Connection::open(path).map_err(sqlite("opening the database"))?;
+    conn.busy_timeout(busy_timeout)
+        .map_err(sqlite("setting the busy timeout"))?;
+    // The first statement that reads the file is where "file is not a database" shows up.
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(sqlite("switching to WAL journal mode"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        // Some filesystems (network mounts) cannot do WAL; the store still works, only with
+        // readers and the writer blocking each other.
+        tracing::warn!(
+            path = %path.display(),
+            journal_mode = %mode,
+            "SQLite refused WAL journal mode; readers will block the writer"
+        );
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(sqlite("setting synchronous=NORMAL"))?;
+    // The writer prepares about a dozen statements; keep all of them cached.
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+/// Brings the database up to [`SCHEMA_VERSION`], one migration per transaction, and refuses a
+/// database whose schema is newer than this binary knows. Safe against another process
+/// migrating the same file at the same time: the version is re-read under the write lock.
+pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    loop {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|source| StoreError::Sqlite {
+                path: path.to_path_buf(),
+                action: "locking the database to migrate it",
+                source,
+            })?;
+        let found: u32 = tx
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(|source| StoreError::Sqlite {
+                path: path.to_path_buf(),
+                action: "reading the schema version",
+                source,
+            })?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                path: path.to_path_buf(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if found == SCHEMA_VERSION {
+            // Nothing to do; dropping the transaction releases the lock.
+            return Ok(());
+        }
+        let target = found + 1;
+        let script = MIGRATIONS[found as usize];
+        let migrate_err = |source| StoreError::Migrate {
+            path: path.to_path_buf(),
+            version: target,
+            source,
+        };
+        tx.execute_batch(script).map_err(migrate_err)?;
+        tx.pragma_update(None, "user_version", target)
+            .map_err(migrate_err)?;
+        tx.commit().map_err(migrate_err)?;
+        tracing::info!(path = %path.display(), version = target, "migrated the store's schema");
+    }
+}
