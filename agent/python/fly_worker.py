@@ -1,0 +1,461 @@
+"""fly's persistent pytest worker: one pytest session that runs the tests the fly agent hands it.
+
+The agent starts this script as `python -u fly_worker.py <pytest args...>`. It connects to the
+agent's Unix socket (FLY_WORKER_SOCKET), says hello, then runs `pytest.main` with a plugin that
+reports the collection and, instead of pytest's own run loop, runs the tests the agent sends, in
+the order it sends them, reporting every phase. Stdout, stderr and stdin stay the test suite's:
+the protocol travels only on the socket (agent/src/worker/frame.rs has the Rust side).
+
+Only the standard library and pytest (7, 8 or 9) are used.
+"""
+
+import collections
+import json
+import os
+import platform
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+
+import pytest
+
+PROTOCOL = 1
+# Both directions refuse frames larger than this; the agent treats a larger one as a crash.
+MAX_FRAME = 64 * 1024 * 1024
+# Captured output, longrepr and message are cut to this many UTF-8 bytes (keeping the end, where
+# the failure usually is) so a report always fits in a frame.
+MAX_TEXT = 4 * 1024 * 1024
+# When a report still does not fit (many large sections), every text is cut to this instead.
+SMALL_TEXT = 256 * 1024
+COLLECT_CHUNK = 10000
+COLLECT_CHUNK_CHARS = 4 * 1024 * 1024
+HEADER = struct.Struct(">I")
+
+
+def _die(message, code=3):
+    """Leave at once: the agent is gone or broke the protocol, so nobody could use a report."""
+    try:
+        sys.stderr.write("fly worker: %s\n" % message)
+        sys.stderr.flush()
+    except Exception:
+        pass
+    os._exit(code)
+
+
+class Channel:
+    """Length-prefixed JSON frames over the agent's socket.
+
+    Writes are buffered and go out on `flush`, which the worker calls when a test starts and
+    before it blocks, so a test costs one write system call, yet the agent always knows which
+    test is running if the process dies.
+    """
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.rfile = self.sock.makefile("rb")
+        self.lock = threading.Lock()
+        self.buf = bytearray()
+        self.pid = os.getpid()
+
+    @staticmethod
+    def encode(obj):
+        # ensure_ascii=False keeps output small; "replace" turns lone surrogates (from output
+        # decoded with surrogateescape) into "?" instead of invalid UTF-8 the agent would refuse.
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+
+    def send(self, obj, data=None):
+        if data is None:
+            data = self.encode(obj)
+        with self.lock:
+            self.buf += HEADER.pack(len(data))
+            self.buf += data
+
+    def flush(self):
+        # A process forked by a test inherits this object; only the worker itself may speak.
+        if os.getpid() != self.pid:
+            return
+        with self.lock:
+            if not self.buf:
+                return
+            try:
+                self.sock.sendall(self.buf)
+            except OSError as exc:
+                _die("lost the connection to the agent: %s" % exc, 1)
+            del self.buf[:]
+
+    def recv(self):
+        """The next message from the agent, or None when the agent closed the socket."""
+        header = self.rfile.read(HEADER.size)
+        if len(header) < HEADER.size:
+            return None
+        (size,) = HEADER.unpack(header)
+        if size > MAX_FRAME:
+            raise ValueError("frame of %d bytes is over the limit" % size)
+        data = self.rfile.read(size)
+        if len(data) < size:
+            return None
+        return json.loads(data.decode("utf-8"))
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _cut(text, limit):
+    """Keep the last `limit` UTF-8 bytes of text, saying at the start that it was cut."""
+    # A str of n code points encodes to at most 4n bytes: most texts need no encoding at all.
+    if len(text) * 4 <= limit:
+        return text
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    kept = data[len(data) - limit:].decode("utf-8", "ignore")
+    return "[fly: %d bytes cut from the start of this output]\n%s" % (len(data) - limit, kept)
+
+
+def _first_line(text):
+    for line in text.splitlines():
+        if line.strip():
+            return line
+    return ""
+
+
+def _message(report):
+    """The one-line summary pytest's short test summary shows for this report."""
+    if report.passed and not hasattr(report, "wasxfail"):
+        return ""
+    if hasattr(report, "wasxfail"):
+        reason = str(report.wasxfail)
+        if reason.startswith("reason: "):
+            reason = reason[len("reason: "):]
+        if report.failed:
+            # strict xpass: pytest puts the reason into longrepr
+            return _first_line(report.longreprtext) or reason
+        return reason
+    longrepr = report.longrepr
+    if report.skipped and isinstance(longrepr, tuple) and len(longrepr) == 3:
+        reason = str(longrepr[2])
+        if reason.startswith("Skipped: "):
+            return reason[len("Skipped: "):]
+        return "" if reason == "Skipped" else reason
+    crash = getattr(longrepr, "reprcrash", None)
+    message = getattr(crash, "message", None)
+    if isinstance(message, str) and message:
+        return _first_line(message)
+    return _first_line(report.longreprtext)
+
+
+class FlyWorkerPlugin:
+    """Reports the collection and replaces pytest's run loop with the agent's queue.
+
+    A reader thread takes the agent's messages as they come (so a revoke is answered even while
+    a long test runs); the main thread runs tests. They share the queue under `cond`.
+    """
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.cond = threading.Condition()
+        self.queue = collections.deque()  # (lease, index) not started yet, in order
+        self.nomore = False
+        self.want_sent = False
+        self.shutdown = False
+        self.exiting = False
+        self.items = None
+        self.deselected = 0
+        self.config = None
+        self.current = None  # (lease, index) of the test running now
+        # The setup stack is prepared for this item (the last test's nextitem). When that item
+        # was revoked, the stack must be torn down to whatever really runs next.
+        self.stack_for = None
+        self.fixup_for = None
+
+    # --- the agent's messages (reader thread) ---------------------------------------------
+
+    def start_reader(self):
+        thread = threading.Thread(target=self._read_loop, name="fly-worker-channel", daemon=True)
+        thread.start()
+
+    def _read_loop(self):
+        try:
+            while True:
+                msg = self.channel.recv()
+                if msg is None:
+                    break
+                self._handle(msg)
+        except Exception:
+            if self.exiting:
+                return
+            _die("bad message from the agent:\n" + traceback.format_exc())
+        if self.exiting:
+            return
+        # The agent is gone: nobody will read a report, and its tests will be rerun elsewhere.
+        # Take our own process group down with us so no test subprocess lingers.
+        try:
+            if os.getpgid(0) == os.getpid():
+                os.killpg(os.getpid(), signal.SIGKILL)
+        except OSError:
+            pass
+        _die("the agent closed the connection", 1)
+
+    def _handle(self, msg):
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind == "run":
+            tests = []
+            for entry in msg["tests"]:
+                lease, index = entry
+                if (
+                    not isinstance(lease, int)
+                    or not isinstance(index, int)
+                    or self.items is None
+                    or not 0 <= index < len(self.items)
+                ):
+                    raise ValueError("bad test in run: %r" % (entry,))
+                tests.append((lease, index))
+            with self.cond:
+                self.queue.extend(tests)
+                self.nomore = False
+                self.want_sent = False
+                self.cond.notify()
+        elif kind == "nomore":
+            with self.cond:
+                self.nomore = True
+                self.want_sent = False
+                self.cond.notify()
+        elif kind == "revoke":
+            wanted = set(msg["leases"])
+            with self.cond:
+                removed = [lease for lease, _ in self.queue if lease in wanted]
+                if removed:
+                    kept = [entry for entry in self.queue if entry[0] not in wanted]
+                    self.queue.clear()
+                    self.queue.extend(kept)
+                self.channel.send({"type": "revoked", "leases": removed})
+                self.channel.flush()
+                self.cond.notify()
+        elif kind == "shutdown":
+            with self.cond:
+                self.shutdown = True
+                self.cond.notify()
+        else:
+            raise ValueError("unknown message type %r" % (kind,))
+
+    # --- collection ------------------------------------------------------------------------
+
+    @pytest.hookimpl
+    def pytest_configure(self, config):
+        self.config = config
+
+    @pytest.hookimpl
+    def pytest_deselected(self, items):
+        self.deselected += len(items)
+
+    @pytest.hookimpl
+    def pytest_collection_finish(self, session):
+        self.items = session.items
+
+    def _send_collection(self, session):
+        # Chunks of at most COLLECT_CHUNK tests and about COLLECT_CHUNK_CHARS characters, so
+        # even huge parametrized ids stay far below the frame limit.
+        chunks = [[]]
+        size = 0
+        for item in session.items:
+            path, line = item.location[0], item.location[1]
+            entry = [item.nodeid, str(path), line + 1 if isinstance(line, int) else 0]
+            entry_size = len(entry[0]) + len(entry[1]) + 16
+            if chunks[-1] and (len(chunks[-1]) >= COLLECT_CHUNK or size + entry_size > COLLECT_CHUNK_CHARS):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(entry)
+            size += entry_size
+        for number, chunk in enumerate(chunks):
+            self.channel.send(
+                {
+                    "type": "collected",
+                    "tests": chunk,
+                    "deselected": self.deselected,
+                    "done": number == len(chunks) - 1,
+                }
+            )
+        self.channel.flush()
+
+    @staticmethod
+    def _collection_failed(session):
+        return bool(session.testsfailed) and not getattr(
+            session.config.option, "continue_on_collection_errors", False
+        )
+
+    # --- running ---------------------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session):
+        # The collection is reported here, not in pytest_collection_finish: pytest calls that
+        # even when the collection ends in a usage error (a path that does not exist).
+        if self._collection_failed(session):
+            # pytest's own run loop raises Interrupted and prints the errors; exit code 2.
+            return None
+        self._send_collection(session)
+        if session.config.option.collectonly:
+            return True
+        try:
+            self._serve(session)
+        finally:
+            self._teardown_leftovers(session)
+        return True
+
+    def _want_if_needed(self):
+        # Called with cond held. Ask as soon as fewer than two tests are held, so the answer
+        # can arrive while the current test runs.
+        if not self.nomore and not self.want_sent and len(self.queue) < 2:
+            self.want_sent = True
+            self.channel.send({"type": "want"})
+
+    def _serve(self, session):
+        items = session.items
+        channel = self.channel
+        cond = self.cond
+        queue = self.queue
+        pid = os.getpid()
+        while True:
+            with cond:
+                # A test starts only when the test after it is known (or known not to exist),
+                # so nextitem is right and shared fixtures live exactly as long as needed.
+                while not self.shutdown and not (len(queue) >= 2 or (queue and self.nomore)):
+                    self._want_if_needed()
+                    channel.flush()
+                    cond.wait()
+                if self.shutdown:
+                    return
+                lease, index = queue.popleft()
+                following = queue[0][1] if queue else None
+                self._want_if_needed()
+            item = items[index]
+            nextitem = items[following] if following is not None else None
+            if self.stack_for is not None and self.stack_for is not item:
+                self.fixup_for = item
+            self.current = (lease, index)
+            channel.send({"type": "start", "lease": lease, "index": index, "at": time.time()})
+            channel.flush()
+            item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            if os.getpid() != pid:
+                # A test forked and its child came back here: it must not act as the worker.
+                os._exit(0)
+            self.current = None
+            # pytest tears everything down when a plugin asked the session to stop; -x and
+            # --maxfail themselves belong to the coordinator, so the loop goes on.
+            if session.shouldfail or session.shouldstop:
+                self.stack_for = None
+            else:
+                self.stack_for = nextitem
+            channel.send({"type": "finished", "lease": lease, "index": index})
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item):
+        # The last test was torn down for a next test that was revoked: tear down what this
+        # test does not share with it, inside this test's setup so errors get reported.
+        if self.fixup_for is item:
+            self.fixup_for = None
+            item.session._setupstate.teardown_exact(item)
+
+    def _teardown_leftovers(self, session):
+        if self.stack_for is None:
+            return
+        self.stack_for = None
+        try:
+            session._setupstate.teardown_exact(None)
+        except BaseException:
+            # No test is left to carry this error; the agent keeps the worker's stderr.
+            sys.stderr.write("fly worker: error tearing down fixtures at the end of the session:\n")
+            traceback.print_exc()
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report):
+        current = self.current
+        if current is None:
+            return
+        lease, index = current
+        status = self.config.hook.pytest_report_teststatus(report=report, config=self.config)
+        category = str(status[0]) if status else ""
+        try:
+            longrepr = report.longreprtext
+        except Exception:
+            longrepr = repr(report.longrepr)
+        try:
+            message = _message(report)
+        except Exception:
+            message = ""
+        stop = getattr(report, "stop", 0) or time.time()
+        start = getattr(report, "start", 0) or stop - report.duration
+        sections = [[str(name), str(text)] for name, text in report.sections]
+        msg = {
+            "type": "report",
+            "lease": lease,
+            "index": index,
+            "phase": report.when,
+            "outcome": report.outcome,
+            "category": category,
+            "duration": float(report.duration),
+            "start": float(start),
+            "stop": float(stop),
+            "longrepr": _cut(longrepr, MAX_TEXT),
+            "message": _cut(message, MAX_TEXT),
+            "sections": [[name, _cut(text, MAX_TEXT)] for name, text in sections],
+        }
+        data = self.channel.encode(msg)
+        if len(data) > MAX_FRAME - 1024:
+            msg["longrepr"] = _cut(longrepr, SMALL_TEXT)
+            msg["message"] = _cut(message, SMALL_TEXT)
+            msg["sections"] = [[name, _cut(text, SMALL_TEXT)] for name, text in sections[:64]]
+            data = self.channel.encode(msg)
+        self.channel.send(msg, data)
+
+
+def main():
+    try:
+        path = os.environ["FLY_WORKER_SOCKET"]
+        worker = int(os.environ["FLY_WORKER_ID"])
+        token = os.environ["FLY_WORKER_TOKEN"]
+    except (KeyError, ValueError):
+        sys.stderr.write("fly_worker.py is started by the fly agent, not by hand\n")
+        return 3
+    try:
+        channel = Channel(path)
+    except OSError as exc:
+        sys.stderr.write("fly worker: cannot connect to the agent at %s: %s\n" % (path, exc))
+        return 3
+    channel.send(
+        {
+            "type": "hello",
+            "protocol": PROTOCOL,
+            "worker": worker,
+            "token": token,
+            "pid": os.getpid(),
+            "python": platform.python_version(),
+            "pytest": pytest.__version__,
+        }
+    )
+    channel.flush()
+    plugin = FlyWorkerPlugin(channel)
+    plugin.start_reader()
+    code = 3
+    try:
+        code = int(pytest.main(sys.argv[1:], plugins=[plugin]))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    plugin.exiting = True
+    channel.send({"type": "exited", "exit_code": code})
+    channel.flush()
+    channel.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

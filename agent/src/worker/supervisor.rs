@@ -1,0 +1,611 @@
+//! One worker's supervisor: relays the pool's commands to the worker, checks every message the
+//! worker sends against what it was given, and turns the worker's end (clean or not) into
+//! events, reporting a test it died in as crashed.
+
+use std::collections::{HashSet, VecDeque};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fly_common::outcome::Phase;
+use fly_common::proto::{CollectedTest, PhaseReport, Section};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::process::Child;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, timeout_at, Instant};
+use tracing::{debug, warn};
+
+use super::frame::{
+    decode_frame, encode_frame, read_frame, AgentMessage, FrameError, ReportMessage, WorkerMessage,
+};
+use super::tail::{drain, Tail};
+use super::{kill_group, signal_name, Group, Internal, PoolEvent};
+
+/// A worker closed its socket without saying it exits: it is dying; kill it if it lingers.
+const EOF_GRACE: Duration = Duration::from_secs(5);
+/// A worker said it exits but its process lives on (a non-daemon thread a test left behind,
+/// a slow atexit handler): kill it after this long.
+const LINGER_GRACE: Duration = Duration::from_secs(30);
+/// After the process ended, how long to wait for the rest of its messages and output (held
+/// open only by a process that escaped the group).
+const DRAIN_WAIT: Duration = Duration::from_secs(3);
+/// Lines of the worker's stderr and stdout quoted in a crash report.
+const CRASH_LINES: usize = 40;
+/// How Python's fault handler starts its dump, and how much of the dump a report quotes.
+const FAULT_HANDLER_HEADER: &str = "Fatal Python error:";
+const FAULT_DUMP_LINES: usize = 200;
+
+/// What the pool asks of one worker.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Assign(Vec<(u64, u32)>),
+    NoMore,
+    Revoke(Vec<u64>),
+    Shutdown,
+}
+
+type Frame = Result<WorkerMessage, FrameError>;
+
+/// The test a worker is running.
+struct Running {
+    lease: u64,
+    index: u32,
+    started: Instant,
+    started_epoch: f64,
+    /// Whether a phase after a passing setup was reported: decides which phase a crash is.
+    past_call: bool,
+}
+
+pub(crate) struct Supervisor {
+    id: u32,
+    group: Arc<Mutex<Group>>,
+    central: mpsc::Sender<Internal>,
+    stdout: Arc<Mutex<Tail>>,
+    stderr: Arc<Mutex<Tail>>,
+    drains: Vec<JoinHandle<()>>,
+    to_worker: mpsc::UnboundedSender<AgentMessage>,
+    to_worker_rx: Option<mpsc::UnboundedReceiver<AgentMessage>>,
+    unstarted: VecDeque<(u64, u32)>,
+    /// The leases in `unstarted` and `running`, for quick checks of large assignments.
+    held: HashSet<u64>,
+    running: Option<Running>,
+    collection: Vec<CollectedTest>,
+    collection_done: bool,
+    exit_message: Option<i32>,
+    /// Set once the worker broke the protocol; later messages are ignored.
+    broken: bool,
+}
+
+impl Supervisor {
+    /// Takes the child's output pipes and starts draining them.
+    pub(crate) fn new(
+        id: u32,
+        child: &mut Child,
+        group: Arc<Mutex<Group>>,
+        central: mpsc::Sender<Internal>,
+    ) -> Supervisor {
+        let stdout = Arc::new(Mutex::new(Tail::default()));
+        let stderr = Arc::new(Mutex::new(Tail::default()));
+        let mut drains = Vec::new();
+        if let Some(pipe) = child.stdout.take() {
+            drains.push(tokio::spawn(drain(pipe, stdout.clone())));
+        }
+        if let Some(pipe) = child.stderr.take() {
+            drains.push(tokio::spawn(drain(pipe, stderr.clone())));
+        }
+        let (to_worker, to_worker_rx) = mpsc::unbounded_channel();
+        Supervisor {
+            id,
+            group,
+            central,
+            stdout,
+            stderr,
+            drains,
+            to_worker,
+            to_worker_rx: Some(to_worker_rx),
+            unstarted: VecDeque::new(),
+            held: HashSet::new(),
+            running: None,
+            collection: Vec::new(),
+            collection_done: false,
+            exit_message: None,
+            broken: false,
+        }
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut child: Child,
+        mut connection: oneshot::Receiver<Result<UnixStream, String>>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) {
+        let mut awaiting_connection = true;
+        let mut commands_open = true;
+        let mut frames: Option<mpsc::Receiver<Frame>> = None;
+        let mut kill_at: Option<Instant> = None;
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status,
+                conn = &mut connection, if awaiting_connection => {
+                    awaiting_connection = false;
+                    match conn {
+                        Ok(Ok(stream)) => frames = Some(self.connect(stream)),
+                        Ok(Err(reason)) => self.fail(&reason),
+                        // The acceptor is gone: the pool is being dropped.
+                        Err(_) => {}
+                    }
+                }
+                frame = next_frame(&mut frames) => match frame {
+                    Some(frame) => self.handle(frame).await,
+                    None => {
+                        frames = None;
+                        let grace = if self.exit_message.is_some() { LINGER_GRACE } else { EOF_GRACE };
+                        kill_at = Some(Instant::now() + grace);
+                    }
+                },
+                command = commands.recv(), if commands_open => match command {
+                    Some(command) => self.command(command),
+                    None => commands_open = false,
+                },
+                _ = sleep_until_some(kill_at) => {
+                    kill_at = None;
+                    let reason = if self.exit_message.is_some() {
+                        "it did not exit after pytest finished"
+                    } else {
+                        "it closed its connection to the agent but did not exit"
+                    };
+                    kill_group(&self.group, reason);
+                }
+            }
+        };
+        self.finish(status, frames, commands).await;
+    }
+
+    /// Starts the socket's reader and writer tasks.
+    fn connect(&mut self, stream: UnixStream) -> mpsc::Receiver<Frame> {
+        let (read, write) = stream.into_split();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(read_frames(read, tx));
+        if let Some(outgoing) = self.to_worker_rx.take() {
+            tokio::spawn(write_frames(write, outgoing, self.id));
+        }
+        rx
+    }
+
+    fn command(&mut self, command: Command) {
+        let message = match command {
+            Command::Assign(leases) => {
+                let leases = self.accept_leases(leases);
+                if leases.is_empty() {
+                    return;
+                }
+                AgentMessage::Run { tests: leases }
+            }
+            Command::NoMore => AgentMessage::Nomore,
+            Command::Revoke(leases) => AgentMessage::Revoke { leases },
+            Command::Shutdown => AgentMessage::Shutdown,
+        };
+        // A closed channel means the connection is gone; the end of the process reports the
+        // leases as unstarted.
+        let _ = self.to_worker.send(message);
+    }
+
+    /// Records newly assigned leases, dropping any this worker already holds.
+    fn accept_leases(&mut self, leases: Vec<(u64, u32)>) -> Vec<(u64, u32)> {
+        let mut accepted = Vec::with_capacity(leases.len());
+        for (lease, index) in leases {
+            if !self.held.insert(lease) {
+                warn!(
+                    worker = self.id,
+                    lease, "lease assigned twice to one worker; ignoring the repeat"
+                );
+            } else {
+                accepted.push((lease, index));
+            }
+        }
+        self.unstarted.extend(accepted.iter().copied());
+        accepted
+    }
+
+    async fn handle(&mut self, frame: Frame) {
+        if self.broken {
+            return;
+        }
+        let message = match frame {
+            Ok(message) => message,
+            Err(error) => return self.fail(&format!("it sent an unreadable message: {error}")),
+        };
+        match self.check(message) {
+            Ok(Some(internal)) => self.emit(internal).await,
+            Ok(None) => {}
+            Err(reason) => self.fail(&reason),
+        }
+    }
+
+    /// Checks one message against the worker's state and updates it.
+    fn check(&mut self, message: WorkerMessage) -> Result<Option<Internal>, String> {
+        let worker = self.id;
+        match message {
+            WorkerMessage::Hello(_) => Err("it said hello twice".into()),
+            WorkerMessage::Collected {
+                tests,
+                deselected,
+                done,
+            } => {
+                if self.collection_done {
+                    return Err("it sent its collection twice".into());
+                }
+                self.collection.extend(
+                    tests.into_iter().map(|(nodeid, file, line)| CollectedTest {
+                        nodeid,
+                        file,
+                        line,
+                    }),
+                );
+                if !done {
+                    return Ok(None);
+                }
+                self.collection_done = true;
+                Ok(Some(Internal::Collected {
+                    worker,
+                    tests: std::mem::take(&mut self.collection),
+                    deselected,
+                }))
+            }
+            WorkerMessage::Start { lease, index, at } => {
+                if let Some(running) = &self.running {
+                    return Err(format!(
+                        "it started lease {lease} while lease {} was still running",
+                        running.lease
+                    ));
+                }
+                let Some(position) = self.unstarted.iter().position(|e| *e == (lease, index))
+                else {
+                    return Err(format!(
+                        "it started lease {lease} (test {index}), which it does not hold"
+                    ));
+                };
+                // Still held (as running) until it finishes.
+                self.unstarted.remove(position);
+                let now = epoch_now();
+                self.running = Some(Running {
+                    lease,
+                    index,
+                    started: Instant::now(),
+                    started_epoch: now,
+                    past_call: false,
+                });
+                let at = if at > 0.0 { at } else { now };
+                Ok(Some(Internal::Event(PoolEvent::Started {
+                    worker,
+                    lease,
+                    test_index: index,
+                    at,
+                })))
+            }
+            WorkerMessage::Report(report) => {
+                let running = match &mut self.running {
+                    Some(r) if r.lease == report.lease && r.index == report.index => r,
+                    _ => {
+                        return Err(format!(
+                            "it reported on lease {} (test {}), which is not running",
+                            report.lease, report.index
+                        ))
+                    }
+                };
+                let Some(phase) = Phase::parse(&report.phase) else {
+                    return Err(format!("it reported an unknown phase {:?}", report.phase));
+                };
+                if !matches!(report.outcome.as_str(), "passed" | "failed" | "skipped") {
+                    return Err(format!(
+                        "it reported an unknown outcome {:?}",
+                        report.outcome
+                    ));
+                }
+                if phase != Phase::Setup || report.outcome != "passed" {
+                    running.past_call = true;
+                }
+                Ok(Some(Internal::Event(PoolEvent::Report {
+                    worker,
+                    report: phase_report(report, phase),
+                })))
+            }
+            WorkerMessage::Finished { lease, index } => match &self.running {
+                Some(r) if r.lease == lease && r.index == index => {
+                    self.running = None;
+                    self.held.remove(&lease);
+                    Ok(Some(Internal::Event(PoolEvent::Finished {
+                        worker,
+                        lease,
+                        test_index: index,
+                    })))
+                }
+                _ => Err(format!(
+                    "it finished lease {lease} (test {index}), which is not running"
+                )),
+            },
+            WorkerMessage::Want => Ok(Some(Internal::Event(PoolEvent::WantWork { worker }))),
+            WorkerMessage::Revoked { leases } => {
+                let running = self.running.as_ref().map(|r| r.lease);
+                let bad = leases
+                    .iter()
+                    .find(|l| !self.held.contains(l) || running == Some(**l));
+                if let Some(lease) = bad {
+                    return Err(format!(
+                        "it gave back lease {lease}, which it does not hold unstarted"
+                    ));
+                }
+                let given_back: HashSet<u64> = leases.iter().copied().collect();
+                self.unstarted.retain(|(l, _)| !given_back.contains(l));
+                for lease in &leases {
+                    self.held.remove(lease);
+                }
+                Ok(Some(Internal::Event(PoolEvent::Revoked { worker, leases })))
+            }
+            WorkerMessage::Exited { exit_code } => {
+                self.exit_message = Some(exit_code);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The worker broke the protocol (or could not be let in): it is treated as crashed.
+    fn fail(&mut self, reason: &str) {
+        warn!(worker = self.id, "stopping worker: {reason}");
+        self.broken = true;
+        kill_group(&self.group, &format!("protocol error: {reason}"));
+    }
+
+    async fn emit(&self, internal: Internal) {
+        // The central task ends only when the pool is dropped; nothing is left to tell then.
+        let _ = self.central.send(internal).await;
+    }
+
+    /// The process ended: collect what it still said and printed, then report its end.
+    async fn finish(
+        mut self,
+        status: std::io::Result<ExitStatus>,
+        frames: Option<mpsc::Receiver<Frame>>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) {
+        // Anything the tests left running in the group goes too (it may hold our pipes open).
+        let kill_reason = {
+            let mut group = self.group.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(pgid) = group.pgid.take().filter(|pgid| *pgid > 1) {
+                // SAFETY: killpg only sends a signal; ESRCH when the group is already empty.
+                unsafe {
+                    libc::killpg(pgid, libc::SIGKILL);
+                }
+            }
+            group.kill_reason.clone()
+        };
+        let deadline = Instant::now() + DRAIN_WAIT;
+        if let Some(mut frames) = frames {
+            while let Ok(Some(frame)) = timeout_at(deadline, frames.recv()).await {
+                self.handle(frame).await;
+            }
+        }
+        for mut task in std::mem::take(&mut self.drains) {
+            if timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+        // Leases handed over after the end are returned with the unstarted ones.
+        commands.close();
+        while let Ok(command) = commands.try_recv() {
+            if let Command::Assign(leases) = command {
+                self.accept_leases(leases);
+            }
+        }
+
+        let (exit_code, signal) = match &status {
+            Ok(status) => (status.code().unwrap_or(-1), status.signal().unwrap_or(0)),
+            Err(_) => (-1, 0),
+        };
+        let how = match &status {
+            Ok(status) => match status.signal() {
+                Some(signal) => format!("killed by signal {signal} ({})", signal_name(signal)),
+                None => format!("exit code {exit_code}"),
+            },
+            Err(error) => format!("its exit status is unknown ({error})"),
+        };
+        let clean = self.exit_message.is_some()
+            && self.exit_message == status.as_ref().ok().and_then(|s| s.code());
+        let reason = match (&kill_reason, clean) {
+            (Some(why), _) => format!("stopped by the agent: {why} ({how})"),
+            (None, true) => format!("pytest finished ({how})"),
+            (None, false) => format!("crashed: {how}"),
+        };
+        if self.running.is_some() {
+            let why = match &kill_reason {
+                Some(why) => format!("the agent stopped it: {why} ({how})"),
+                None => how.clone(),
+            };
+            self.report_crash(&why).await;
+        }
+        let output = self.output();
+        let collection_exit_code = self
+            .exit_message
+            .or(status.as_ref().ok().and_then(|s| s.code()))
+            .unwrap_or(fly_common::exit_code::INTERNAL_ERROR);
+        let collection_output = if self.exit_message.is_some() {
+            output
+        } else {
+            // pytest did not get to say why it stopped: add what the agent saw.
+            format!(
+                "{output}\nfly: worker {} stopped before collecting: {reason}\n",
+                self.id
+            )
+            .trim_start()
+            .to_string()
+        };
+        debug!(worker = self.id, "worker ended: {reason}");
+        let exit = PoolEvent::Exited {
+            worker: self.id,
+            exit_code,
+            signal,
+            reason,
+            unstarted: self.unstarted.iter().map(|(lease, _)| *lease).collect(),
+        };
+        self.emit(Internal::Ended {
+            worker: self.id,
+            exit,
+            exit_code: collection_exit_code,
+            output: collection_output,
+        })
+        .await;
+    }
+
+    /// Reports the running test as failed by the crash, then finished.
+    async fn report_crash(&mut self, why: &str) {
+        let Some(running) = self.running.take() else {
+            return;
+        };
+        let (phase, category) = if running.past_call {
+            (Phase::Teardown, "error")
+        } else {
+            (Phase::Call, "failed")
+        };
+        let message = format!("worker {} crashed while running this test: {why}", self.id);
+        let mut longrepr = message.clone();
+        for (name, tail) in [("stderr", &self.stderr), ("stdout", &self.stdout)] {
+            let lines = tail.lock().map(|t| crash_excerpt(&t)).unwrap_or_default();
+            if !lines.trim().is_empty() {
+                longrepr.push_str(&format!("\n\nlast lines of the worker's {name}:\n{lines}"));
+            }
+        }
+        let report = PhaseReport {
+            lease: running.lease,
+            test_index: running.index,
+            phase: phase.to_proto() as i32,
+            outcome: "failed".into(),
+            category: category.into(),
+            duration: running.started.elapsed().as_secs_f64(),
+            start: running.started_epoch,
+            stop: epoch_now(),
+            longrepr,
+            sections: Vec::new(),
+            message,
+        };
+        self.emit(Internal::Event(PoolEvent::Report {
+            worker: self.id,
+            report,
+        }))
+        .await;
+        self.emit(Internal::Event(PoolEvent::Finished {
+            worker: self.id,
+            lease: running.lease,
+            test_index: running.index,
+        }))
+        .await;
+    }
+
+    /// What the worker printed: the stdout tail, then the stderr tail.
+    fn output(&self) -> String {
+        let text = |tail: &Mutex<Tail>| tail.lock().map(|t| t.text()).unwrap_or_default();
+        let stdout = text(&self.stdout);
+        let stderr = text(&self.stderr);
+        match (stdout.is_empty(), stderr.is_empty()) {
+            (_, true) => stdout,
+            (true, false) => stderr,
+            (false, false) if stdout.ends_with('\n') => stdout + &stderr,
+            (false, false) => stdout + "\n" + &stderr,
+        }
+    }
+}
+
+/// The part of a worker's output that explains a crash: Python's fault handler dump (which
+/// pytest enables) when there is one, else the last lines.
+fn crash_excerpt(tail: &Tail) -> String {
+    let text = tail.text();
+    match text.rfind(FAULT_HANDLER_HEADER) {
+        Some(start) => {
+            let dump: Vec<&str> = text[start..].lines().take(FAULT_DUMP_LINES).collect();
+            dump.join("\n")
+        }
+        None => tail.last_lines(CRASH_LINES),
+    }
+}
+
+fn phase_report(report: ReportMessage, phase: Phase) -> PhaseReport {
+    PhaseReport {
+        lease: report.lease,
+        test_index: report.index,
+        phase: phase.to_proto() as i32,
+        outcome: report.outcome,
+        category: report.category,
+        duration: report.duration,
+        start: report.start,
+        stop: report.stop,
+        longrepr: report.longrepr,
+        sections: report
+            .sections
+            .into_iter()
+            .map(|(name, text)| Section { name, text })
+            .collect(),
+        message: report.message,
+    }
+}
+
+fn epoch_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+async fn next_frame(frames: &mut Option<mpsc::Receiver<Frame>>) -> Option<Frame> {
+    match frames {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads and decodes frames until the end of the stream or the first bad frame (which is
+/// passed on, so the supervisor can stop the worker).
+async fn read_frames(read: OwnedReadHalf, frames: mpsc::Sender<Frame>) {
+    let mut reader = BufReader::with_capacity(256 * 1024, read);
+    loop {
+        let frame = match read_frame(&mut reader).await {
+            Ok(None) => return,
+            Ok(Some(body)) => decode_frame(&body),
+            Err(error) => Err(error),
+        };
+        let bad = frame.is_err();
+        if frames.send(frame).await.is_err() || bad {
+            return;
+        }
+    }
+}
+
+/// Writes the pool's messages to the worker, coalescing whatever is queued into one write.
+async fn write_frames(
+    mut write: OwnedWriteHalf,
+    mut messages: mpsc::UnboundedReceiver<AgentMessage>,
+    worker: u32,
+) {
+    let mut buf = Vec::new();
+    while let Some(message) = messages.recv().await {
+        buf.clear();
+        encode_frame(&message, &mut buf);
+        while let Ok(more) = messages.try_recv() {
+            encode_frame(&more, &mut buf);
+        }
+        if let Err(error) = write.write_all(&buf).await {
+            // The worker is gone; its supervisor learns that from the process.
+            debug!(worker, "writing to the worker failed: {error}");
+            return;
+        }
+    }
+}
