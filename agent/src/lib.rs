@@ -38,7 +38,9 @@ impl FromStr for WorkerCount {
         }
         match s.parse::<u32>() {
             Ok(n) if n >= 1 => Ok(WorkerCount::Fixed(n)),
-            _ => Err(format!("expected `auto` or a number of workers >= 1, got {s:?}")),
+            _ => Err(format!(
+                "expected `auto` or a number of workers >= 1, got {s:?}"
+            )),
         }
     }
 }
@@ -84,7 +86,11 @@ fn hostname() -> String {
 
 /// Serves runs over an already connected channel (the in-process coordinator of `run
 /// --local`) until the coordinator closes the stream or `shutdown` fires.
-pub async fn serve_channel(channel: Channel, config: &AgentConfig, mut shutdown: Shutdown) -> Result<()> {
+pub async fn serve_channel(
+    channel: Channel,
+    config: &AgentConfig,
+    mut shutdown: Shutdown,
+) -> Result<()> {
     let topology = topology::detect();
     let agent_id = uuid::Uuid::new_v4().to_string();
     let hostname = hostname();
@@ -104,7 +110,9 @@ pub async fn serve_channel(channel: Channel, config: &AgentConfig, mut shutdown:
 /// version) is final.
 pub async fn run(url: &str, config: &AgentConfig, mut shutdown: Shutdown) -> Result<()> {
     let endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("{url:?} is not a valid coordinator URL (expected http://HOST:PORT)"))?
+        .with_context(|| {
+            format!("{url:?} is not a valid coordinator URL (expected http://HOST:PORT)")
+        })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))

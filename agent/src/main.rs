@@ -8,7 +8,11 @@ use fly_agent::shutdown::Shutdown;
 use fly_agent::{AgentConfig, WorkerCount};
 
 #[derive(Parser, Debug)]
-#[command(name = "fly-agent", version, about = "Runs a fly coordinator's pytest work on this machine")]
+#[command(
+    name = "fly-agent",
+    version,
+    about = "Runs a fly coordinator's pytest work on this machine"
+)]
 struct Cli {
     /// The coordinator, e.g. http://coordinator:7171.
     #[arg(long, env = "FLY_CONNECT")]
@@ -54,7 +58,10 @@ fn main() -> ExitCode {
         },
     };
     if !workdir.is_dir() {
-        eprintln!("fly-agent: --workdir {} is not a directory", workdir.display());
+        eprintln!(
+            "fly-agent: --workdir {} is not a directory",
+            workdir.display()
+        );
         return ExitCode::from(2);
     }
     let config = AgentConfig {
@@ -63,7 +70,10 @@ fn main() -> ExitCode {
         python: cli.python.unwrap_or_else(fly_agent::default_python),
         labels: cli.labels,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("fly-agent: cannot start the async runtime: {err}");

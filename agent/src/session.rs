@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use fly_common::proto::agents_client::AgentsClient;
 use fly_common::proto::{
-    agent_message, coordinator_message, worker_event, AgentHello, AgentMessage, CollectedTest,
-    Collected, CollectionFailed, CoordinatorMessage, StartRun, TestFinished, TestStarted,
+    agent_message, coordinator_message, worker_event, AgentHello, AgentMessage, Collected,
+    CollectedTest, CollectionFailed, CoordinatorMessage, StartRun, TestFinished, TestStarted,
     WantWork, WorkerEvent, WorkerEvents, WorkerExited,
 };
 use fly_common::{topology::Topology, FLY_VERSION, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
@@ -115,7 +115,11 @@ impl Session<'_> {
                 ))
             }
             Some(Err(status)) => return Err(SessionError::Lost(status.message().to_string())),
-            None => return Err(SessionError::Lost("stream closed before the welcome".into())),
+            None => {
+                return Err(SessionError::Lost(
+                    "stream closed before the welcome".into(),
+                ))
+            }
         }
         info!(workers = self.workers, "connected to the coordinator");
 
@@ -280,7 +284,10 @@ fn message(kind: agent_message::Kind) -> AgentMessage {
     AgentMessage { kind: Some(kind) }
 }
 
-async fn send(out: &mpsc::Sender<AgentMessage>, kind: agent_message::Kind) -> Result<(), SessionError> {
+async fn send(
+    out: &mpsc::Sender<AgentMessage>,
+    kind: agent_message::Kind,
+) -> Result<(), SessionError> {
     out.send(message(kind))
         .await
         .map_err(|_| SessionError::Lost("outbound stream closed".into()))
@@ -288,7 +295,10 @@ async fn send(out: &mpsc::Sender<AgentMessage>, kind: agent_message::Kind) -> Re
 
 /// Sends the collection: the full list in chunks when the coordinator wants it, else only the
 /// digest and count.
-async fn send_collection(run: &ActiveRun, out: &mpsc::Sender<AgentMessage>) -> Result<(), SessionError> {
+async fn send_collection(
+    run: &ActiveRun,
+    out: &mpsc::Sender<AgentMessage>,
+) -> Result<(), SessionError> {
     let Some(tests) = run.collection.as_ref() else {
         return Ok(());
     };
@@ -302,7 +312,11 @@ async fn send_collection(run: &ActiveRun, out: &mpsc::Sender<AgentMessage>) -> R
         workers: run.workers,
     };
     if !run.want_collection || tests.is_empty() {
-        return send(out, agent_message::Kind::Collected(header(Vec::new(), true))).await;
+        return send(
+            out,
+            agent_message::Kind::Collected(header(Vec::new(), true)),
+        )
+        .await;
     }
     let chunks: Vec<&[CollectedTest]> = tests.chunks(COLLECTION_CHUNK).collect();
     let last = chunks.len().saturating_sub(1);
@@ -350,9 +364,10 @@ async fn forward_events(
                 )
                 .await?;
             }
-            PoolEvent::WantWork { worker } => {
-                batch.push(worker_event(worker, worker_event::Kind::WantWork(WantWork {})))
-            }
+            PoolEvent::WantWork { worker } => batch.push(worker_event(
+                worker,
+                worker_event::Kind::WantWork(WantWork {}),
+            )),
             PoolEvent::Started {
                 worker,
                 lease,

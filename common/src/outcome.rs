@@ -157,7 +157,11 @@ impl Counts {
 
 /// pytest's session duration format: `4.51s`, or `72.35s (0:01:12)` from a minute on.
 pub fn format_duration(seconds: f64) -> String {
-    let seconds = if seconds.is_finite() && seconds > 0.0 { seconds } else { 0.0 };
+    let seconds = if seconds.is_finite() && seconds > 0.0 {
+        seconds
+    } else {
+        0.0
+    };
     if seconds < 60.0 {
         format!("{seconds:.2}s")
     } else {
@@ -191,19 +195,43 @@ mod tests {
         let mut one = Counts::default();
         one.add("error", 1);
         assert_eq!(one.summary_line(0.0), "1 error in 0.00s");
-        assert_eq!(Counts::default().summary_line(0.01), "no tests ran in 0.01s");
-        assert_eq!(format_duration(72.345), "72.34s (0:01:12)".replace("72.34", &format!("{:.2}", 72.345)));
+        assert_eq!(
+            Counts::default().summary_line(0.01),
+            "no tests ran in 0.01s"
+        );
+        assert_eq!(
+            format_duration(72.345),
+            "72.34s (0:01:12)".replace("72.34", &format!("{:.2}", 72.345))
+        );
     }
 
     #[test]
     fn final_outcome_matches_pytest_verdicts() {
         use Phase::*;
-        assert_eq!(final_outcome([(Setup, ""), (Call, "passed"), (Teardown, "")]), "passed");
+        assert_eq!(
+            final_outcome([(Setup, ""), (Call, "passed"), (Teardown, "")]),
+            "passed"
+        );
         assert_eq!(final_outcome([(Setup, "error"), (Teardown, "")]), "error");
-        assert_eq!(final_outcome([(Setup, ""), (Call, "passed"), (Teardown, "error")]), "error");
-        assert_eq!(final_outcome([(Setup, ""), (Call, "failed"), (Teardown, "error")]), "failed");
-        assert_eq!(final_outcome([(Setup, "skipped"), (Teardown, "")]), "skipped");
-        assert_eq!(final_outcome([(Setup, ""), (Call, "xfailed"), (Teardown, "")]), "xfailed");
-        assert_eq!(final_outcome([(Setup, ""), (Call, "xpassed"), (Teardown, "")]), "xpassed");
+        assert_eq!(
+            final_outcome([(Setup, ""), (Call, "passed"), (Teardown, "error")]),
+            "error"
+        );
+        assert_eq!(
+            final_outcome([(Setup, ""), (Call, "failed"), (Teardown, "error")]),
+            "failed"
+        );
+        assert_eq!(
+            final_outcome([(Setup, "skipped"), (Teardown, "")]),
+            "skipped"
+        );
+        assert_eq!(
+            final_outcome([(Setup, ""), (Call, "xfailed"), (Teardown, "")]),
+            "xfailed"
+        );
+        assert_eq!(
+            final_outcome([(Setup, ""), (Call, "xpassed"), (Teardown, "")]),
+            "xpassed"
+        );
     }
 }

@@ -18,7 +18,11 @@ const LOCAL_AGENT_GRACE: Duration = Duration::from_secs(30);
 use crate::node::{self, Node};
 
 #[derive(Parser, Debug)]
-#[command(name = "fly-coordinator", version, about = "Distributed pytest: the coordinator and the `run` client")]
+#[command(
+    name = "fly-coordinator",
+    version,
+    about = "Distributed pytest: the coordinator and the `run` client"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -154,9 +158,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let (listener, addr) = node::bind(&args.listen).await?;
     println!("fly-coordinator listening on http://{addr}");
     info!(db = %args.db.display(), "serving");
-    let server = node.serve_tcp(listener, stop_signal());
-    let _ = server.await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = node.serve_tcp(listener, async {
+        let _ = stop_rx.await;
+    });
+    stop_signal().await;
     info!("stopping");
+    let _ = stop_tx.send(());
+    // Agent streams live until their agents hang up; do not wait for them for long.
+    let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
     node.shutdown().await
 }
 
@@ -206,12 +216,16 @@ async fn run(args: RunArgs) -> Result<i32> {
         let config = AgentConfig {
             workers: args.workers,
             workdir: cwd.clone(),
-            python: args.python.clone().unwrap_or_else(fly_agent::default_python),
+            python: args
+                .python
+                .clone()
+                .unwrap_or_else(fly_agent::default_python),
             labels: Vec::new(),
         };
         let agent_channel = channel.clone();
         Some(tokio::spawn(async move {
-            if let Err(err) = fly_agent::serve_channel(agent_channel, &config, agent_shutdown).await {
+            if let Err(err) = fly_agent::serve_channel(agent_channel, &config, agent_shutdown).await
+            {
                 eprintln!("fly-coordinator: the local agent stopped: {err:#}");
             }
         }))
@@ -222,7 +236,10 @@ async fn run(args: RunArgs) -> Result<i32> {
     // Let the local workers finish their session teardown before leaving.
     agent_stop.trigger();
     if let Some(mut agent) = agent {
-        if tokio::time::timeout(LOCAL_AGENT_GRACE, &mut agent).await.is_err() {
+        if tokio::time::timeout(LOCAL_AGENT_GRACE, &mut agent)
+            .await
+            .is_err()
+        {
             agent.abort();
             let _ = agent.await;
         }

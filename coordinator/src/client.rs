@@ -28,7 +28,9 @@ pub struct RunRequest {
 /// Connects to a coordinator at `url`, failing within [`CONNECT_TIMEOUT`].
 pub async fn connect(url: &str) -> Result<Channel> {
     let endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("{url:?} is not a valid coordinator URL (expected http://HOST:PORT)"))?
+        .with_context(|| {
+            format!("{url:?} is not a valid coordinator URL (expected http://HOST:PORT)")
+        })?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
     match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {

@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use fly_common::outcome::{final_outcome, Counts, Phase};
 use fly_common::proto::{
     agent_message, coordinator_message, run_event, worker_event, AgentHello, AgentMessage,
-    AgentNotice, Assignment, CategoryCount, CollectedTest, Collected, CollectionFailed,
+    AgentNotice, Assignment, CategoryCount, Collected, CollectedTest, CollectionFailed,
     CoordinatorMessage, EndRun, Lease as WireLease, PhaseReport, PhaseResult, RunEvent,
     RunFinished, RunStatus, SendCollection, StartRun, SubmitRequest, TestResult, Welcome, Work,
     WorkerEvents,
@@ -162,8 +162,7 @@ struct RunState {
 impl RunState {
     fn broadcast(&mut self, event: run_event::Kind) {
         let event = RunEvent { kind: Some(event) };
-        self.followers
-            .retain(|f| f.send(Ok(event.clone())).is_ok());
+        self.followers.retain(|f| f.send(Ok(event.clone())).is_ok());
     }
 
     fn status(&self, agents: &HashMap<AgentSlot, AgentConn>, message: String) -> RunStatus {
@@ -176,7 +175,11 @@ impl RunState {
         RunStatus {
             run_id: self.id.clone(),
             message,
-            collected: self.collection.as_ref().map(|c| c.len() as u32).unwrap_or(0),
+            collected: self
+                .collection
+                .as_ref()
+                .map(|c| c.len() as u32)
+                .unwrap_or(0),
             finished: self
                 .scheduler
                 .as_ref()
@@ -518,7 +521,12 @@ impl Dispatcher {
         self.refuse(slot, &run_id, reason);
     }
 
-    fn accept_first_collection(&mut self, slot: AgentSlot, run_id: &str, partial: PartialCollection) {
+    fn accept_first_collection(
+        &mut self,
+        slot: AgentSlot,
+        run_id: &str,
+        partial: PartialCollection,
+    ) {
         let agent_id = self.agent_id(slot);
         let workers = self.agents.get(&slot).map(|a| a.workers).unwrap_or(0);
         let Some(run) = self.runs.get_mut(run_id) else {
@@ -553,7 +561,12 @@ impl Dispatcher {
         run.broadcast(run_event::Kind::Status(status));
         // Agents that joined meanwhile compare their digests when their chunks complete.
         if tests.is_empty() {
-            self.finish(run_id, exit_code::NO_TESTS_COLLECTED, String::new(), String::new());
+            self.finish(
+                run_id,
+                exit_code::NO_TESTS_COLLECTED,
+                String::new(),
+                String::new(),
+            );
         }
     }
 
@@ -612,7 +625,10 @@ impl Dispatcher {
             };
             self.finish(&run_id, code, failed.output, String::new());
         } else {
-            let mut reason = format!("pytest exited with code {} before running tests", failed.exit_code);
+            let mut reason = format!(
+                "pytest exited with code {} before running tests",
+                failed.exit_code
+            );
             let tail: String = tail_lines(&failed.output, 20);
             if !tail.is_empty() {
                 reason.push_str(":\n");
@@ -661,7 +677,12 @@ impl Dispatcher {
                     actions.extend(scheduler.handle(Event::WantWork(key), now));
                 }
                 worker_event::Kind::Started(started) => {
-                    actions.extend(scheduler.handle(Event::Started { lease: started.lease }, now));
+                    actions.extend(scheduler.handle(
+                        Event::Started {
+                            lease: started.lease,
+                        },
+                        now,
+                    ));
                 }
                 worker_event::Kind::Report(report) => {
                     let status = scheduler.lease_status(report.lease);
@@ -712,9 +733,12 @@ impl Dispatcher {
                     }
                 }
                 worker_event::Kind::Finished(finished) => {
-                    actions.extend(
-                        scheduler.handle(Event::Finished { lease: finished.lease }, now),
-                    );
+                    actions.extend(scheduler.handle(
+                        Event::Finished {
+                            lease: finished.lease,
+                        },
+                        now,
+                    ));
                 }
                 worker_event::Kind::Exited(exited) => {
                     if !exited.reason.is_empty() && exited.reason != "shutdown" {
@@ -769,10 +793,7 @@ impl Dispatcher {
             }
         }
         if run_done {
-            let failed = self
-                .runs
-                .get(run_id)
-                .is_some_and(|r| r.counts.any_failed());
+            let failed = self.runs.get(run_id).is_some_and(|r| r.counts.any_failed());
             let code = if failed {
                 exit_code::TESTS_FAILED
             } else {
@@ -788,7 +809,12 @@ impl Dispatcher {
         };
         let attempt = run.phases.remove(&lease).unwrap_or_default();
         let phases = &attempt.reports;
-        let Some(info) = run.collection.as_ref().and_then(|c| c.get(test as usize)).cloned() else {
+        let Some(info) = run
+            .collection
+            .as_ref()
+            .and_then(|c| c.get(test as usize))
+            .cloned()
+        else {
             return;
         };
         let mut outcome_input = Vec::new();
@@ -808,9 +834,15 @@ impl Dispatcher {
         } else {
             final_outcome(outcome_input)
         };
-        let attempts = run.scheduler.as_ref().map(|s| s.attempts(test)).unwrap_or(1);
+        let attempts = run
+            .scheduler
+            .as_ref()
+            .map(|s| s.attempts(test))
+            .unwrap_or(1);
         let interesting = matches!(outcome.as_str(), "failed" | "error")
-            || phases.iter().any(|r| r.category == "error" || r.category == "failed");
+            || phases
+                .iter()
+                .any(|r| r.category == "error" || r.category == "failed");
         let result = TestResult {
             test_index: test,
             nodeid: info.nodeid.clone(),
@@ -830,7 +862,11 @@ impl Dispatcher {
                     } else {
                         String::new()
                     },
-                    sections: if interesting { r.sections.clone() } else { Vec::new() },
+                    sections: if interesting {
+                        r.sections.clone()
+                    } else {
+                        Vec::new()
+                    },
                     message: r.message.clone(),
                 })
                 .collect(),

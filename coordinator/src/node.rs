@@ -34,7 +34,8 @@ pub struct Node {
 impl Node {
     /// Opens the database and starts the dispatcher.
     pub fn start(db: &Path, agent_timeout: Duration) -> Result<Node> {
-        let store = Store::open(db).with_context(|| format!("opening the database {}", db.display()))?;
+        let store =
+            Store::open(db).with_context(|| format!("opening the database {}", db.display()))?;
         let (dispatcher, dispatcher_task) = dispatcher::spawn(store.clone());
         let service = Service::new(dispatcher.clone());
         Ok(Node {
@@ -109,10 +110,7 @@ impl Node {
     pub async fn shutdown(self) -> Result<()> {
         self.dispatcher_task.abort();
         let _ = self.dispatcher_task.await;
-        self.store
-            .close()
-            .await
-            .context("closing the database")?;
+        self.store.close().await.context("closing the database")?;
         Ok(())
     }
 }

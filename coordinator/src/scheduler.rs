@@ -51,7 +51,10 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Append these tests, in order, to what the worker holds.
-    Assign { worker: WorkerKey, leases: Vec<Lease> },
+    Assign {
+        worker: WorkerKey,
+        leases: Vec<Lease>,
+    },
     /// Nothing for this worker now; it runs what it holds and waits.
     NoWork { worker: WorkerKey },
     /// The lease was the test's current attempt and it finished: the test has its result.
@@ -271,7 +274,9 @@ impl Scheduler {
         let live = self.live_workers().max(1);
         let unstarted = self.workers.get(&key).map(|s| s.unstarted()).unwrap_or(0);
         let guided = self.queue.len() / (4 * live);
-        let want = guided.clamp(1, MAX_BATCH).max(2usize.saturating_sub(unstarted));
+        let want = guided
+            .clamp(1, MAX_BATCH)
+            .max(2usize.saturating_sub(unstarted));
         let mut leases = Vec::new();
         while leases.len() < want {
             let Some(test) = self.queue.pop_front() else {
@@ -393,9 +398,7 @@ mod tests {
 
     #[test]
     fn every_test_runs_exactly_once_on_a_simulated_farm() {
-        let workers: Vec<WorkerKey> = (0..50)
-            .flat_map(|a| (0..8).map(move |i| w(a, i)))
-            .collect();
+        let workers: Vec<WorkerKey> = (0..50).flat_map(|a| (0..8).map(move |i| w(a, i))).collect();
         let mut sched = Scheduler::new(20_000);
         let (done, _) = simulate(&mut sched, &workers, |t| {
             Duration::from_millis(1 + (t as u64 * 7919) % 50)
@@ -428,7 +431,10 @@ mod tests {
         let b = sched.handle(Event::WantWork(w(0, 1)), now);
         assert_eq!(b, vec![Action::NoWork { worker: w(0, 1) }]);
         let c = sched.handle(Event::Finished { lease }, now);
-        assert_eq!(c, vec![Action::TestDone { test: 0, lease }, Action::RunDone]);
+        assert_eq!(
+            c,
+            vec![Action::TestDone { test: 0, lease }, Action::RunDone]
+        );
     }
 
     #[test]
@@ -437,9 +443,12 @@ mod tests {
         let now = Instant::now();
         let first = assigned(&sched.handle(Event::WantWork(w(1, 0)), now));
         assert_eq!(first.len(), 2);
-        sched.handle(Event::Started {
-            lease: first[0].lease,
-        }, now);
+        sched.handle(
+            Event::Started {
+                lease: first[0].lease,
+            },
+            now,
+        );
         // Another agent's worker finds nothing and parks.
         assert_eq!(
             sched.handle(Event::WantWork(w(2, 0)), now),
@@ -458,9 +467,12 @@ mod tests {
         ));
         // A late report from the lost agent changes nothing.
         assert!(sched
-            .handle(Event::Finished {
-                lease: first[0].lease
-            }, now)
+            .handle(
+                Event::Finished {
+                    lease: first[0].lease
+                },
+                now
+            )
             .is_empty());
         assert_eq!(sched.finished_count(), 0);
         assert_eq!(sched.attempts(0), 2);
@@ -476,13 +488,19 @@ mod tests {
         let mut sched = Scheduler::new(3);
         let now = Instant::now();
         let held = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
-        sched.handle(Event::Started {
-            lease: held[0].lease,
-        }, now);
+        sched.handle(
+            Event::Started {
+                lease: held[0].lease,
+            },
+            now,
+        );
         // The agent reports the crashed test as failed and finished, then the exit.
-        sched.handle(Event::Finished {
-            lease: held[0].lease,
-        }, now);
+        sched.handle(
+            Event::Finished {
+                lease: held[0].lease,
+            },
+            now,
+        );
         sched.handle(
             Event::WorkerExited {
                 worker: w(0, 0),

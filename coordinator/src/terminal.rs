@@ -119,7 +119,11 @@ pub fn render_end(failures: &[TestResult], finished: &RunFinished, width: usize)
     for c in &finished.counts {
         counts.add(&c.category, c.count);
     }
-    out.push_str(&sep('=', &counts.summary_line(finished.wall_seconds), width));
+    out.push_str(&sep(
+        '=',
+        &counts.summary_line(finished.wall_seconds),
+        width,
+    ));
     out.push('\n');
     out
 }
@@ -198,6 +202,9 @@ mod tests {
         assert!(text.contains("ERROR at setup of test_setup"));
         assert!(text.contains("FAILED t.py::test_bad - assert 1 == 2"));
         let last = text.lines().last().unwrap();
-        assert!(last.starts_with("=") && last.contains(" 1 failed, 1 error in 1.50s "), "{text}");
+        assert!(
+            last.starts_with("=") && last.contains(" 1 failed, 1 error in 1.50s "),
+            "{text}"
+        );
     }
 }

@@ -7,7 +7,7 @@ use fly_common::proto::agents_client::AgentsClient;
 use fly_common::proto::runs_client::RunsClient;
 use fly_common::proto::{
     agent_message, coordinator_message, run_event, worker_event, AgentHello, AgentMessage,
-    CollectedTest, Collected, CoordinatorMessage, PhaseReport, RunEvent, RunFinished,
+    Collected, CollectedTest, CoordinatorMessage, PhaseReport, RunEvent, RunFinished,
     SubmitRequest, TestFinished, WantWork, WorkerEvent, WorkerEvents,
 };
 use fly_common::PROTOCOL_VERSION;
@@ -157,7 +157,10 @@ async fn a_client_speaking_another_protocol_version_is_refused() {
         })
         .await
         .expect_err("refused");
-    assert!(status.message().contains("protocol version mismatch"), "{status:?}");
+    assert!(
+        status.message().contains("protocol version mismatch"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]
@@ -214,7 +217,10 @@ async fn a_scripted_agent_runs_a_whole_run_and_bad_reports_do_not_count() {
         }))
         .await;
     agent
-        .events(&run_id, vec![(0, worker_event::Kind::WantWork(WantWork {}))])
+        .events(
+            &run_id,
+            vec![(0, worker_event::Kind::WantWork(WantWork {}))],
+        )
         .await;
     let mut leases = Vec::new();
     while leases.len() < 3 {
@@ -229,7 +235,10 @@ async fn a_scripted_agent_runs_a_whole_run_and_bad_reports_do_not_count() {
                 }
                 if leases.len() < 3 {
                     agent
-                        .events(&run_id, vec![(0, worker_event::Kind::WantWork(WantWork {}))])
+                        .events(
+                            &run_id,
+                            vec![(0, worker_event::Kind::WantWork(WantWork {}))],
+                        )
                         .await;
                 }
             }
@@ -241,7 +250,11 @@ async fn a_scripted_agent_runs_a_whole_run_and_bad_reports_do_not_count() {
     // A report for a lease never handed out: rejected.
     events.push((0, report(9_999, 0, call, "failed")));
     for lease in &leases {
-        let category = if lease.test_index == 1 { "failed" } else { "passed" };
+        let category = if lease.test_index == 1 {
+            "failed"
+        } else {
+            "passed"
+        };
         events.push((0, report(lease.lease, lease.test_index, setup, "")));
         events.push((0, report(lease.lease, lease.test_index, call, category)));
         // A duplicate call report: the first one counts.
