@@ -10,6 +10,7 @@ Only the standard library and pytest (7, 8 or 9) are used.
 """
 
 import collections
+import io
 import json
 import os
 import platform
@@ -125,6 +126,26 @@ def _first_line(text):
         if line.strip():
             return line
     return ""
+
+
+def _longrepr_text(report):
+    """The report's longrepr as pytest's terminal prints it in FAILURES and ERRORS.
+
+    `report.longreprtext` strips leading whitespace, which would eat the indentation of the
+    first source line; render it the way the terminal reporter does instead.
+    """
+    if report.longrepr is None:
+        return ""
+    try:
+        from _pytest._io import TerminalWriter
+
+        out = io.StringIO()
+        writer = TerminalWriter(file=out)
+        writer.hasmarkup = False
+        report.toterminal(writer)
+        return out.getvalue().rstrip()
+    except Exception:
+        return report.longreprtext
 
 
 def _message(report):
@@ -383,7 +404,7 @@ class FlyWorkerPlugin:
         status = self.config.hook.pytest_report_teststatus(report=report, config=self.config)
         category = str(status[0]) if status else ""
         try:
-            longrepr = report.longreprtext
+            longrepr = _longrepr_text(report)
         except Exception:
             longrepr = repr(report.longrepr)
         try:
@@ -441,6 +462,9 @@ def main():
         }
     )
     channel.flush()
+    # pytest names itself after argv[0] in its usage messages; say "pytest", as the console
+    # script would, not this file's name.
+    sys.argv[0] = "pytest"
     plugin = FlyWorkerPlugin(channel)
     plugin.start_reader()
     code = 3

@@ -19,6 +19,9 @@ use crate::terminal;
 /// How long `run --connect` tries to reach the coordinator before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a run may wait for agents before the client says so.
+const WAITING_NOTICE_DELAY: Duration = Duration::from_secs(2);
+
 pub struct RunRequest {
     pub project: String,
     pub pytest_args: Vec<String>,
@@ -81,9 +84,28 @@ pub async fn run(channel: Channel, request: RunRequest) -> Result<i32> {
     let mut done = 0u32;
     let mut interrupts = 0u32;
     let mut last_status = String::new();
+    // "Waiting for an agent" is news only if the wait lasts: a local agent joins at once.
+    let mut waiting_notice: Option<String> = None;
     let finished: RunFinished = loop {
+        let next = async {
+            if waiting_notice.is_some() {
+                tokio::time::timeout(WAITING_NOTICE_DELAY, stream.next())
+                    .await
+                    .ok()
+            } else {
+                Some(stream.next().await)
+            }
+        };
         let event = tokio::select! {
-            event = stream.next() => event,
+            event = next => match event {
+                Some(event) => event,
+                None => {
+                    if let Some(notice) = waiting_notice.take() {
+                        eprintln!("fly: {notice}");
+                    }
+                    continue;
+                }
+            },
             _ = tokio::signal::ctrl_c() => {
                 interrupts += 1;
                 if interrupts >= 2 || run_id.is_empty() {
@@ -115,8 +137,13 @@ pub async fn run(channel: Channel, request: RunRequest) -> Result<i32> {
                 if status.collected > 0 && collected == 0 {
                     collected = status.collected;
                 }
+                waiting_notice = None;
                 if status.message != last_status {
-                    eprintln!("fly: {}", status.message);
+                    if status.message.starts_with("waiting") {
+                        waiting_notice = Some(status.message.clone());
+                    } else {
+                        eprintln!("fly: {}", status.message);
+                    }
                     last_status = status.message;
                 }
             }

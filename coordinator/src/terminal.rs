@@ -115,16 +115,17 @@ pub fn render_end(failures: &[TestResult], finished: &RunFinished, width: usize)
     if !finished.message.is_empty() {
         out.push_str(&format!("fly: {}\n", finished.message));
     }
-    let mut counts = Counts::default();
-    for c in &finished.counts {
-        counts.add(&c.category, c.count);
+    // When pytest stopped before running tests, its own output (above) already ends the way
+    // pytest ends it; a second summary line would only repeat it.
+    if finished.output.is_empty() {
+        let mut counts = Counts::default();
+        for c in &finished.counts {
+            counts.add(&c.category, c.count);
+        }
+        let line = counts.summary_line(finished.wall_seconds);
+        out.push_str(&sep('=', &line, width));
+        out.push('\n');
     }
-    out.push_str(&sep(
-        '=',
-        &counts.summary_line(finished.wall_seconds),
-        width,
-    ));
-    out.push('\n');
     out
 }
 
