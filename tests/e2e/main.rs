@@ -5,5 +5,6 @@
 mod bad_input;
 mod distributed;
 mod fixture_project;
+mod listen;
 mod local;
 mod mismatched_agent;

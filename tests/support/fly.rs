@@ -66,9 +66,20 @@ pub fn agent(
     log_dir: Option<&Path>,
     extra_env: &[(&str, &Path)],
 ) -> Proc {
+    agent_at(name, &coordinator.url, workdir, log_dir, extra_env)
+}
+
+/// Starts `fly-agent` with two workers serving the coordinator at `url`.
+pub fn agent_at(
+    name: &str,
+    url: &str,
+    workdir: &Path,
+    log_dir: Option<&Path>,
+    extra_env: &[(&str, &Path)],
+) -> Proc {
     let mut command = Command::new(fly_binary("fly-agent"));
     command
-        .args(["--connect", &coordinator.url, "--workers", "2", "--workdir"])
+        .args(["--connect", url, "--workers", "2", "--workdir"])
         .arg(workdir)
         .arg("--python")
         .arg(python())
@@ -104,4 +115,38 @@ pub fn run_connect(project: &Path, url: &str, pytest_args: &[&str]) -> Proc {
         .current_dir(project);
     clean_env(&mut command, None);
     Proc::spawn("fly-coordinator run --connect", &mut command)
+}
+
+/// Starts `fly-coordinator run --listen 127.0.0.1:0 --local --workers 1` in `project`: a
+/// coordinator for this one run, with one local worker, that remote agents can join. Its
+/// address is announced on stderr (`fly-coordinator listening on http://127.0.0.1:PORT`).
+pub fn run_listen_local(
+    project: &Path,
+    db: &Path,
+    log_dir: Option<&Path>,
+    extra_env: &[(&str, &Path)],
+    pytest_args: &[&str],
+) -> Proc {
+    let mut command = Command::new(fly_binary("fly-coordinator"));
+    command
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--local",
+            "--workers",
+            "1",
+            "--db",
+        ])
+        .arg(db)
+        .arg("--python")
+        .arg(python())
+        .arg("--")
+        .args(pytest_args)
+        .current_dir(project);
+    clean_env(&mut command, log_dir);
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    Proc::spawn("fly-coordinator run --listen --local", &mut command)
 }
