@@ -100,6 +100,7 @@ pub async fn serve_channel(
         hostname: &hostname,
         topology: &topology,
         workers: config.workers.resolve(&topology),
+        speed: 1.0,
     };
     session.serve(channel, &mut shutdown).await?;
     Ok(())
@@ -136,6 +137,7 @@ pub async fn run(url: &str, config: &AgentConfig, mut shutdown: Shutdown) -> Res
         hostname: &hostname,
         topology: &topology,
         workers,
+        speed: 1.0,
     };
     let mut backoff = Duration::from_millis(500);
     loop {

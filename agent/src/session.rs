@@ -11,8 +11,8 @@ use std::time::Duration;
 use fly_common::proto::agents_client::AgentsClient;
 use fly_common::proto::{
     agent_message, coordinator_message, worker_event, AgentHello, AgentMessage, Collected,
-    CollectedTest, CollectionFailed, CoordinatorMessage, StartRun, TestFinished, TestStarted,
-    WantWork, WorkerEvent, WorkerEvents, WorkerExited,
+    CollectedTest, CollectionFailed, CoordinatorMessage, Revoked, StartRun, TestFinished,
+    TestStarted, WantWork, WorkerEvent, WorkerEvents, WorkerExited,
 };
 use fly_common::{topology::Topology, FLY_VERSION, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
@@ -68,6 +68,8 @@ pub struct Session<'a> {
     pub hostname: &'a str,
     pub topology: &'a Topology,
     pub workers: u32,
+    /// Relative speed of this machine's cores (1.0 = the reference machine).
+    pub speed: f64,
 }
 
 impl Session<'_> {
@@ -89,6 +91,7 @@ impl Session<'_> {
             labels: self.config.labels.iter().cloned().collect(),
             workdir: self.config.workdir.to_string_lossy().into_owned(),
             python: self.config.python.to_string_lossy().into_owned(),
+            speed: self.speed,
         };
         out_tx
             .send(message(agent_message::Kind::Hello(hello)))
@@ -208,6 +211,13 @@ impl Session<'_> {
                     if let Err(err) = result {
                         // The worker is gone; its exit event returns these tests.
                         warn!(worker = assignment.worker, %err, "could not hand work to a worker");
+                    }
+                }
+            }
+            coordinator_message::Kind::Revoke(revoke) => {
+                if let Some(run) = active.as_ref().filter(|r| r.run_id == revoke.run_id) {
+                    if let Err(err) = run.pool.revoke(revoke.worker, revoke.leases) {
+                        warn!(worker = revoke.worker, %err, "could not take tests back from a worker");
                     }
                 }
             }
@@ -392,7 +402,10 @@ async fn forward_events(
                 worker,
                 worker_event::Kind::Finished(TestFinished { lease, test_index }),
             )),
-            PoolEvent::Revoked { .. } => {}
+            PoolEvent::Revoked { worker, leases } => batch.push(worker_event(
+                worker,
+                worker_event::Kind::Revoked(Revoked { leases }),
+            )),
             PoolEvent::Exited {
                 worker,
                 exit_code,

@@ -662,6 +662,7 @@ mod tests {
             nodeid: nodeid.into(),
             file: "f.py".into(),
             line: 1,
+            group: String::new(),
         }
     }
 

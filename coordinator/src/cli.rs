@@ -81,6 +81,16 @@ struct RunArgs {
     /// Seconds of silence after which an agent's connection counts as dead.
     #[arg(long, env = "FLY_AGENT_TIMEOUT", default_value_t = 10)]
     agent_timeout: u64,
+    /// How tests are grouped into units of work, as in pytest-xdist: `load` (each test on its
+    /// own), `loadfile` (a file's tests together), `loadscope` (a module's or class's tests
+    /// together), `loadgroup` (`xdist_group` marks together), or `auto` (each test on its own,
+    /// except modules and classes whose shared fixtures cost more than splitting would save).
+    #[arg(long, env = "FLY_DIST", default_value = "auto", value_parser = ["auto", "load", "loadfile", "loadscope", "loadgroup"])]
+    dist: String,
+    /// Start every worker as its own pytest process instead of forking the workers from one
+    /// process after collection (for suites that cannot survive a fork).
+    #[arg(long, env = "FLY_NO_FORK")]
+    no_fork: bool,
     /// Arguments for pytest, after `--`.
     #[arg(last = true, allow_hyphen_values = true)]
     pytest_args: Vec<String>,
@@ -184,6 +194,8 @@ async fn run(args: RunArgs) -> Result<i32> {
         project: project_name(args.project.clone(), &cwd),
         pytest_args: args.pytest_args.clone(),
         client_cwd: cwd.to_string_lossy().into_owned(),
+        dist: args.dist.clone(),
+        no_fork: args.no_fork,
     };
     if let Some(url) = &args.connect {
         let channel = match client::connect(url).await {

@@ -26,6 +26,9 @@ pub struct RunRequest {
     pub project: String,
     pub pytest_args: Vec<String>,
     pub client_cwd: String,
+    /// How tests are grouped into units of work (`--dist`).
+    pub dist: String,
+    pub no_fork: bool,
 }
 
 /// Connects to a coordinator at `url`, failing within [`CONNECT_TIMEOUT`].
@@ -70,6 +73,8 @@ pub async fn run(channel: Channel, request: RunRequest) -> Result<i32> {
         project: request.project,
         pytest_args: request.pytest_args,
         client_cwd: request.client_cwd,
+        dist: request.dist,
+        no_fork: request.no_fork,
     };
     let mut stream = client
         .submit(submit)

@@ -145,6 +145,7 @@ struct CurrentAttempt {
 struct RunState {
     id: String,
     args: Vec<String>,
+    no_fork: bool,
     started: Instant,
     phase: RunPhase,
     collection: Option<Arc<Vec<CollectedTest>>>,
@@ -376,6 +377,7 @@ impl Dispatcher {
             pytest_args: run.args.clone(),
             want_collection: run.collection.is_none(),
             expected_digest: run.digest.clone(),
+            no_fork: run.no_fork,
         };
         let message = format!(
             "agent {} joined the run with {} workers",
@@ -740,6 +742,15 @@ impl Dispatcher {
                         now,
                     ));
                 }
+                worker_event::Kind::Revoked(revoked) => {
+                    actions.extend(scheduler.handle(
+                        Event::Revoked {
+                            worker: key,
+                            leases: revoked.leases,
+                        },
+                        now,
+                    ));
+                }
                 worker_event::Kind::Exited(exited) => {
                     if !exited.reason.is_empty() && exited.reason != "shutdown" {
                         warn!(agent = %agent_id, worker = key.worker, reason = %exited.reason, "worker exited");
@@ -907,6 +918,7 @@ impl Dispatcher {
         let mut run = RunState {
             id: run_id.clone(),
             args: request.pytest_args,
+            no_fork: request.no_fork,
             started: now,
             phase: RunPhase::Collecting,
             collection: None,

@@ -44,6 +44,8 @@ pub enum Event {
         worker: WorkerKey,
         unstarted: Vec<u64>,
     },
+    /// The worker gave back these leases, unstarted, when asked to.
+    Revoked { worker: WorkerKey, leases: Vec<u64> },
     /// The agent is gone: every lease its workers held goes back to the queue.
     AgentLost(AgentSlot),
 }
@@ -216,6 +218,18 @@ impl Scheduler {
                 // or is lost now: either way it goes back unless it is done.
                 let mut back: Vec<u64> = unstarted;
                 back.extend(held);
+                self.requeue(back, &mut actions);
+            }
+            Event::Revoked { worker, leases } => {
+                let mut back = Vec::new();
+                if let Some(state) = self.workers.get_mut(&worker) {
+                    for lease in leases {
+                        if !state.started.contains(&lease) && state.held.contains(&lease) {
+                            state.held.retain(|l| *l != lease);
+                            back.push(lease);
+                        }
+                    }
+                }
                 self.requeue(back, &mut actions);
             }
             Event::AgentLost(agent) => {

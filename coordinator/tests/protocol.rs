@@ -115,6 +115,7 @@ async fn submit(channel: Channel) -> Streaming<RunEvent> {
             project: "scripted".into(),
             pytest_args: vec!["-q".into()],
             client_cwd: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -239,13 +239,13 @@ impl Supervisor {
                 if self.collection_done {
                     return Err("it sent its collection twice".into());
                 }
-                self.collection.extend(
-                    tests.into_iter().map(|(nodeid, file, line)| CollectedTest {
+                self.collection
+                    .extend(tests.into_iter().map(|(nodeid, file, line)| CollectedTest {
+                        group: String::new(),
                         nodeid,
                         file,
                         line,
-                    }),
-                );
+                    }));
                 if !done {
                     return Ok(None);
                 }
