@@ -204,6 +204,7 @@ async fn a_scripted_agent_runs_a_whole_run_and_bad_reports_do_not_count() {
             nodeid: id.to_string(),
             file: "t.py".into(),
             line: 1,
+            group: String::new(),
         })
         .collect();
     agent
