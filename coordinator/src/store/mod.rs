@@ -940,16 +940,19 @@ mod tests {
                 nodeid: "a.py::t1".into(),
                 file: "a.py".into(),
                 line: 3,
+                group: String::new(),
             },
             CollectedTest {
                 nodeid: "a.py::t2".into(),
                 file: "a.py".into(),
                 line: 0,
+                group: String::new(),
             },
             CollectedTest {
                 nodeid: "b.py::t3".into(),
                 file: "b.py".into(),
                 line: 7,
+                group: String::new(),
             },
         ]);
         store.write(Write::RunCollected {
