@@ -5,6 +5,7 @@
 //! Python side is `python/fly_worker.py`, shipped inside this binary); [`shutdown`] carries the
 //! stop signal. The coordinator embeds this library for `run --local`.
 
+pub mod calibrate;
 pub mod session;
 pub mod shutdown;
 pub mod worker;
@@ -100,6 +101,8 @@ pub async fn serve_channel(
         hostname: &hostname,
         topology: &topology,
         workers: config.workers.resolve(&topology),
+        // The one agent of `run --local` has no other machine to compare with, and its history
+        // stays with this checkout: skip the calibration and start at once.
         speed: 1.0,
     };
     session.serve(channel, &mut shutdown).await?;
@@ -131,13 +134,15 @@ pub async fn run(url: &str, config: &AgentConfig, mut shutdown: Shutdown) -> Res
         logical_cpus = topology.logical_cpus,
         "fly-agent starting"
     );
+    let speed = calibrate::speed(&config.python).await;
+    info!(speed = format!("{speed:.2}"), "calibrated");
     let session = Session {
         config,
         agent_id: &agent_id,
         hostname: &hostname,
         topology: &topology,
         workers,
-        speed: 1.0,
+        speed,
     };
     let mut backoff = Duration::from_millis(500);
     loop {

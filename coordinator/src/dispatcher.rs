@@ -16,7 +16,7 @@ use fly_common::outcome::{final_outcome, Counts, Phase};
 use fly_common::proto::{
     agent_message, coordinator_message, run_event, worker_event, AgentHello, AgentMessage,
     AgentNotice, Assignment, CategoryCount, Collected, CollectedTest, CollectionFailed,
-    CoordinatorMessage, EndRun, Lease as WireLease, PhaseReport, PhaseResult, RunEvent,
+    CoordinatorMessage, EndRun, Lease as WireLease, PhaseReport, PhaseResult, Revoke, RunEvent,
     RunFinished, RunStatus, SendCollection, StartRun, SubmitRequest, TestResult, Welcome, Work,
     WorkerEvents,
 };
@@ -26,7 +26,8 @@ use tonic::Status;
 use tracing::{debug, info, warn};
 
 use crate::scheduler::{Action, AgentSlot, Event, LeaseStatus, Scheduler, WorkerKey};
-use crate::store::{Store, Write};
+use crate::store::{History, Store, Write};
+use crate::units::{self, Dist};
 
 pub type AgentTx = mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>;
 pub type FollowerTx = mpsc::UnboundedSender<Result<RunEvent, Status>>;
@@ -63,6 +64,11 @@ pub enum Input {
     SubmitterGone {
         run_id: String,
     },
+    /// The project's duration history, read for a run (empty if it could not be read).
+    HistoryLoaded {
+        run_id: String,
+        history: Arc<History>,
+    },
 }
 
 /// A cheap handle for sending inputs to the dispatcher task.
@@ -81,13 +87,14 @@ impl DispatcherHandle {
 /// Starts the dispatcher task.
 pub fn spawn(store: Store) -> (DispatcherHandle, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut dispatcher = Dispatcher::new(store);
+    let handle = DispatcherHandle { tx };
+    let mut dispatcher = Dispatcher::new(store, handle.clone());
     let join = tokio::spawn(async move {
         while let Some(input) = rx.recv().await {
             dispatcher.handle(input, Instant::now());
         }
     });
-    (DispatcherHandle { tx }, join)
+    (handle, join)
 }
 
 fn epoch_now() -> f64 {
@@ -101,6 +108,8 @@ struct AgentConn {
     id: String,
     hostname: String,
     workers: u32,
+    /// Relative speed of its cores, from its calibration (1.0 = reference).
+    speed: f64,
     tx: AgentTx,
     /// The run this agent serves now.
     run: Option<String>,
@@ -144,8 +153,16 @@ struct CurrentAttempt {
 
 struct RunState {
     id: String,
+    project: String,
     args: Vec<String>,
+    dist: Dist,
     no_fork: bool,
+    /// The project's history; `None` until read.
+    history: Option<Arc<History>>,
+    /// Workers that asked for work before the scheduler existed (history still loading).
+    early_wants: Vec<WorkerKey>,
+    /// An agent was asked for the full collection.
+    list_requested: bool,
     started: Instant,
     phase: RunPhase,
     collection: Option<Arc<Vec<CollectedTest>>>,
@@ -205,11 +222,14 @@ pub struct Dispatcher {
     queue: Vec<String>,
     /// Work to send, gathered while handling one input so each agent gets one message.
     outbox: HashMap<AgentSlot, Work>,
+    /// Our own input channel, for work done off the loop that reports back (history reads).
+    inputs: DispatcherHandle,
 }
 
 impl Dispatcher {
-    pub fn new(store: Store) -> Dispatcher {
+    pub fn new(store: Store, inputs: DispatcherHandle) -> Dispatcher {
         Dispatcher {
+            inputs,
             store,
             agents: HashMap::new(),
             next_slot: 1,
@@ -234,6 +254,12 @@ impl Dispatcher {
                     .is_some_and(|r| r.phase != RunPhase::Finished)
                 {
                     self.cancel(&run_id, "the client that submitted the run went away");
+                }
+            }
+            Input::HistoryLoaded { run_id, history } => {
+                if let Some(run) = self.runs.get_mut(&run_id) {
+                    run.history = Some(history);
+                    self.start_scheduler(&run_id, now);
                 }
             }
         }
@@ -283,6 +309,7 @@ impl Dispatcher {
                 .collect(),
             workdir: hello.workdir.clone(),
             python: hello.python.clone(),
+            speed: hello.speed,
             connected_at: epoch_now(),
         });
         let _ = tx.send(Ok(CoordinatorMessage {
@@ -297,6 +324,11 @@ impl Dispatcher {
                 id: hello.agent_id,
                 hostname: hello.hostname,
                 workers: hello.workers.max(1),
+                speed: if hello.speed.is_finite() && hello.speed > 0.0 {
+                    hello.speed
+                } else {
+                    1.0
+                },
                 tx,
                 run: None,
             },
@@ -372,10 +404,15 @@ impl Dispatcher {
         };
         agent.run = Some(run_id.to_string());
         run.members.insert(slot, Membership::Joining);
+        let want_collection = run.collection.is_none() && !run.list_requested;
+        run.list_requested |= want_collection;
         let start = StartRun {
             run_id: run_id.to_string(),
             pytest_args: run.args.clone(),
-            want_collection: run.collection.is_none(),
+            // One agent sends the full list; the others only its digest (a million test ids
+            // from each of hundreds of agents would swamp the coordinator). Whoever finishes
+            // first without a list is asked for it.
+            want_collection,
             expected_digest: run.digest.clone(),
             no_fork: run.no_fork,
         };
@@ -421,7 +458,7 @@ impl Dispatcher {
             agent_message::Kind::Hello(_) => {
                 warn!(slot, "second hello from an agent ignored");
             }
-            agent_message::Kind::Collected(collected) => self.collected(slot, collected),
+            agent_message::Kind::Collected(collected) => self.collected(slot, collected, now),
             agent_message::Kind::CollectionFailed(failed) => self.collection_failed(slot, failed),
             agent_message::Kind::Events(events) => self.worker_events(slot, events, now),
             agent_message::Kind::Notice(notice) => {
@@ -448,7 +485,7 @@ impl Dispatcher {
             .is_some_and(|a| a.run.as_deref() == Some(run_id))
     }
 
-    fn collected(&mut self, slot: AgentSlot, chunk: Collected) {
+    fn collected(&mut self, slot: AgentSlot, chunk: Collected, now: Instant) {
         if !self.serves(slot, &chunk.run_id) {
             debug!(slot, run = %chunk.run_id, "collection for a run the agent does not serve");
             return;
@@ -491,11 +528,15 @@ impl Dispatcher {
                 );
                 return;
             }
-            self.accept_first_collection(slot, &run_id, partial);
+            self.accept_first_collection(slot, &run_id, partial, now);
             return;
         }
         if partial.digest == run.digest {
             run.members.insert(slot, Membership::Accepted);
+            if let (Some(scheduler), Some(agent)) = (run.scheduler.as_mut(), self.agents.get(&slot))
+            {
+                scheduler.add_agent(slot, agent.workers, agent.speed);
+            }
             let workers = self.agents.get(&slot).map(|a| a.workers).unwrap_or(0);
             self.store.write(Write::RunAgent {
                 run_id: run_id.clone(),
@@ -528,6 +569,7 @@ impl Dispatcher {
         slot: AgentSlot,
         run_id: &str,
         partial: PartialCollection,
+        now: Instant,
     ) {
         let agent_id = self.agent_id(slot);
         let workers = self.agents.get(&slot).map(|a| a.workers).unwrap_or(0);
@@ -539,7 +581,6 @@ impl Dispatcher {
         run.deselected = partial.deselected;
         run.counts.add("deselected", partial.deselected);
         run.collection = Some(tests.clone());
-        run.scheduler = Some(Scheduler::new(tests.len() as u32));
         run.phase = RunPhase::Running;
         run.members.insert(slot, Membership::Accepted);
         self.store.write(Write::RunCollected {
@@ -569,7 +610,45 @@ impl Dispatcher {
                 String::new(),
                 String::new(),
             );
+            return;
         }
+        self.start_scheduler(run_id, now);
+    }
+
+    /// Builds the run's units and scheduler once both its collection and its history are in,
+    /// and answers the workers that asked for work meanwhile.
+    fn start_scheduler(&mut self, run_id: &str, now: Instant) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.scheduler.is_some() || run.phase != RunPhase::Running {
+            return;
+        }
+        let (Some(tests), Some(history)) = (run.collection.clone(), run.history.clone()) else {
+            return;
+        };
+        let estimates = units::estimate(&tests, &history, 0.0);
+        let known = estimates.known.iter().filter(|k| **k).count();
+        let units = units::build(&tests, &estimates, &history, run.dist);
+        info!(
+            run = %run_id,
+            tests = tests.len(),
+            units = units.len(),
+            with_history = known,
+            "scheduling"
+        );
+        let mut scheduler = Scheduler::new(units, estimates);
+        for (slot, membership) in &run.members {
+            if let (Membership::Accepted, Some(agent)) = (membership, self.agents.get(slot)) {
+                scheduler.add_agent(*slot, agent.workers, agent.speed);
+            }
+        }
+        let mut actions = Vec::new();
+        for key in std::mem::take(&mut run.early_wants) {
+            actions.extend(scheduler.handle(Event::WantWork(key), now));
+        }
+        run.scheduler = Some(scheduler);
+        self.apply(run_id, actions);
     }
 
     fn refuse(&mut self, slot: AgentSlot, run_id: &str, reason: String) {
@@ -661,8 +740,19 @@ impl Dispatcher {
             debug!(slot, run = %run_id, "worker events from an agent not accepted in the run");
             return;
         }
-        let (Some(scheduler), Some(collection)) = (run.scheduler.as_mut(), run.collection.clone())
-        else {
+        let Some(collection) = run.collection.clone() else {
+            return;
+        };
+        let Some(scheduler) = run.scheduler.as_mut() else {
+            // History is still loading: remember who asked, answer once the scheduler exists.
+            for event in events.events {
+                if let Some(worker_event::Kind::WantWork(_)) = event.kind {
+                    run.early_wants.push(WorkerKey {
+                        agent: slot,
+                        worker: event.worker,
+                    });
+                }
+            }
             return;
         };
         let mut actions = Vec::new();
@@ -735,9 +825,15 @@ impl Dispatcher {
                     }
                 }
                 worker_event::Kind::Finished(finished) => {
+                    let seconds = run
+                        .phases
+                        .get(&finished.lease)
+                        .map(|a| a.reports.iter().map(|r| r.duration).sum())
+                        .unwrap_or(0.0);
                     actions.extend(scheduler.handle(
                         Event::Finished {
                             lease: finished.lease,
+                            seconds,
                         },
                         now,
                     ));
@@ -798,6 +894,16 @@ impl Dispatcher {
                         worker: worker.worker,
                         leases: Vec::new(),
                     });
+                }
+                Action::Revoke { worker, leases } => {
+                    self.send_to(
+                        worker.agent,
+                        coordinator_message::Kind::Revoke(Revoke {
+                            run_id: run_id.to_string(),
+                            worker: worker.worker,
+                            leases,
+                        }),
+                    );
                 }
                 Action::TestDone { test, lease } => self.test_done(run_id, test, lease),
                 Action::RunDone => run_done = true,
@@ -899,6 +1005,27 @@ impl Dispatcher {
 
     // --- runs --------------------------------------------------------------------------------
 
+    /// Reads the project's duration history off the loop; the run's scheduler waits for it.
+    fn load_history(&self, run_id: &str, project: &str) {
+        let store = self.store.clone();
+        let inputs = self.inputs.clone();
+        let run_id = run_id.to_string();
+        let project = project.to_string();
+        tokio::spawn(async move {
+            let history = match store.load_history(&project).await {
+                Ok(history) => history,
+                Err(err) => {
+                    warn!(%project, %err, "cannot read duration history; scheduling without it");
+                    History::default()
+                }
+            };
+            inputs.send(Input::HistoryLoaded {
+                run_id,
+                history: Arc::new(history),
+            });
+        });
+    }
+
     fn submit(
         &mut self,
         request: SubmitRequest,
@@ -915,10 +1042,17 @@ impl Dispatcher {
             client_cwd: request.client_cwd.clone(),
             created_at: epoch_now(),
         });
+        let dist = request.dist.parse::<Dist>().unwrap_or(Dist::Auto);
+        self.load_history(&run_id, &request.project);
         let mut run = RunState {
             id: run_id.clone(),
+            project: request.project,
             args: request.pytest_args,
+            dist,
             no_fork: request.no_fork,
+            history: None,
+            early_wants: Vec::new(),
+            list_requested: false,
             started: now,
             phase: RunPhase::Collecting,
             collection: None,
@@ -1019,6 +1153,24 @@ impl Dispatcher {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
+        // What this run taught about durations, in reference seconds: each agent's speed as
+        // the scheduler refined it from observed durations.
+        if let Some(scheduler) = run.scheduler.as_ref() {
+            let speeds = run
+                .members
+                .keys()
+                .filter_map(|slot| {
+                    self.agents
+                        .get(slot)
+                        .map(|a| (a.id.clone(), scheduler.agent_speed(*slot)))
+                })
+                .collect();
+            self.store.write(Write::RecordHistory {
+                project: run.project.clone(),
+                run_id: run_id.to_string(),
+                speeds,
+            });
+        }
         let counts: Vec<(String, u32)> = run.counts.ordered();
         let collected = run.collection.as_ref().map(|c| c.len() as u32).unwrap_or(0);
         let status = match code {

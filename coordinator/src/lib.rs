@@ -14,3 +14,4 @@ pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod terminal;
+pub mod units;

@@ -4,15 +4,27 @@
 //! current time and carries out the [`Action`]s it returns. It opens no socket, reads no clock
 //! and takes no lock, so tests drive it with virtual time and simulated farms.
 //!
-//! Every attempt at a test is a *lease* with a run-unique number. A test has at most one
-//! current lease; reports for any other lease are superseded and never change the result.
-//! Work is pulled: a worker asks when it holds fewer than two unstarted tests (it needs to know
-//! the test after the one it starts, for pytest's fixture teardown), and is answered with more
-//! tests or with "nothing for now". Workers told "nothing for now" are parked and get work
-//! pushed to them if any comes back to the queue (a lost agent's tests).
+//! - **Longest first.** Units of work (see `units.rs`) are queued by expected cost, longest
+//!   first, so a slow test never starts last and runs alone while the others idle.
+//! - **Pull.** A worker asks when it holds fewer than two unstarted tests (it must know the test
+//!   after the one it starts, for pytest's fixture teardown) and gets a batch or "nothing for
+//!   now". Batches are a slice of the remaining work (guided self-scheduling): large while much
+//!   is left, down to one unit at the end; short tests come many at a time to amortise the round
+//!   trip, long ones one at a time.
+//! - **No idle worker while work waits.** A worker that finds the queue empty is parked, and the
+//!   worker holding the most unstarted work is asked to give back the tail of it, which then
+//!   goes to the parked worker. A lost agent's or worker's tests go back to the queue the same
+//!   way.
+//! - **Machines differ.** Costs are in reference seconds; each agent has a speed (calibrated at
+//!   start, refined from observed durations). A worker much slower than the fastest takes short
+//!   work from the back of the queue rather than a long test it would finish last.
+//! - **Leases.** Every attempt at a test is a lease with a run-unique number. A test has at most
+//!   one current lease; reports for any other lease are superseded and change nothing.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Instant;
+
+use crate::units::{Estimates, Unit};
 
 /// The dispatcher's number for a connected agent.
 pub type AgentSlot = u32;
@@ -31,21 +43,21 @@ pub struct Lease {
     pub test: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The worker holds fewer than two unstarted tests and cannot go on without an answer.
     WantWork(WorkerKey),
     /// The worker began running this lease's test.
     Started { lease: u64 },
-    /// The lease's test ran to its end (teardown reported).
-    Finished { lease: u64 },
+    /// The lease's test ran to its end (teardown reported), taking `seconds` on its worker.
+    Finished { lease: u64, seconds: f64 },
+    /// The worker gave back these leases, unstarted, when asked to.
+    Revoked { worker: WorkerKey, leases: Vec<u64> },
     /// The worker process is gone; `unstarted` are leases it held but never began.
     WorkerExited {
         worker: WorkerKey,
         unstarted: Vec<u64>,
     },
-    /// The worker gave back these leases, unstarted, when asked to.
-    Revoked { worker: WorkerKey, leases: Vec<u64> },
     /// The agent is gone: every lease its workers held goes back to the queue.
     AgentLost(AgentSlot),
 }
@@ -59,6 +71,8 @@ pub enum Action {
     },
     /// Nothing for this worker now; it runs what it holds and waits.
     NoWork { worker: WorkerKey },
+    /// Ask the worker to give back these unstarted leases (answered by `Event::Revoked`).
+    Revoke { worker: WorkerKey, leases: Vec<u64> },
     /// The lease was the test's current attempt and it finished: the test has its result.
     TestDone { test: u32, lease: u64 },
     /// Every test has its result.
@@ -95,8 +109,11 @@ struct WorkerState {
 }
 
 impl WorkerState {
-    fn unstarted(&self) -> usize {
-        self.held.len() - self.started.len()
+    fn unstarted(&self) -> impl DoubleEndedIterator<Item = u64> + '_ {
+        self.held
+            .iter()
+            .copied()
+            .filter(|l| !self.started.contains(l))
     }
 }
 
@@ -106,35 +123,78 @@ struct LeaseInfo {
     worker: WorkerKey,
 }
 
-/// The largest batch handed to one worker at once; batches shrink as the queue drains so the
-/// end of the run stays balanced (guided self-scheduling).
-const MAX_BATCH: usize = 64;
+/// The most tests handed to one worker at once.
+const MAX_BATCH: usize = 128;
+/// A batch is worth at least this much work (reference seconds), so tiny tests travel many at a
+/// time and the round trip stays a small part of their cost.
+const MIN_BATCH_SECONDS: f64 = 0.02;
+/// Assumed cost of a test nothing is known about, until tests of this run have finished.
+const UNKNOWN_TEST_SECONDS: f64 = 0.1;
+/// Taking back less unstarted work than this is not worth a round trip.
+const MIN_TAKE_BACK_SECONDS: f64 = 0.01;
+/// A worker this much slower than the fastest leaves long tests to faster ones.
+const SLOW_WORKER: f64 = 0.8;
 
 #[derive(Debug)]
 pub struct Scheduler {
     tests: Vec<TestState>,
     attempts: Vec<u32>,
-    queue: VecDeque<u32>,
+    /// Expected duration per test in reference seconds, when history knows it.
+    estimate: Vec<f64>,
+    known: Vec<bool>,
+    /// Units waiting, longest first.
+    queue: VecDeque<Unit>,
     workers: HashMap<WorkerKey, WorkerState>,
+    speeds: HashMap<AgentSlot, f64>,
     /// Every lease ever handed out, current or not, so late reports can be classified.
     leases: HashMap<u64, LeaseInfo>,
+    /// Leases asked back and not yet answered.
+    revoking: HashSet<u64>,
     next_lease: u64,
     done: usize,
     run_done_sent: bool,
+    /// Sum and count of observed durations (reference seconds) of tests without history.
+    observed: (f64, u32),
 }
 
 impl Scheduler {
-    /// A run of `test_count` tests, queued in collection order.
-    pub fn new(test_count: u32) -> Scheduler {
+    /// A run of `test_count` tests nothing is known about, each its own unit, in collection
+    /// order.
+    pub fn uniform(test_count: u32) -> Scheduler {
+        let units = (0..test_count)
+            .map(|t| Unit {
+                tests: vec![t],
+                cost: 0.0,
+            })
+            .collect();
+        Scheduler::new(
+            units,
+            Estimates {
+                per_test: vec![0.0; test_count as usize],
+                known: vec![false; test_count as usize],
+            },
+        )
+    }
+
+    /// A run of these units (every test in exactly one), queued longest first; ties keep
+    /// collection order.
+    pub fn new(mut units: Vec<Unit>, estimates: Estimates) -> Scheduler {
+        let count = estimates.per_test.len();
+        units.sort_by(|a, b| b.cost.total_cmp(&a.cost));
         Scheduler {
-            tests: vec![TestState::Queued; test_count as usize],
-            attempts: vec![0; test_count as usize],
-            queue: (0..test_count).collect(),
+            tests: vec![TestState::Queued; count],
+            attempts: vec![0; count],
+            estimate: estimates.per_test,
+            known: estimates.known,
+            queue: units.into(),
             workers: HashMap::new(),
+            speeds: HashMap::new(),
             leases: HashMap::new(),
+            revoking: HashSet::new(),
             next_lease: 1,
             done: 0,
             run_done_sent: false,
+            observed: (0.0, 0),
         }
     }
 
@@ -155,6 +215,29 @@ impl Scheduler {
         self.attempts.get(test as usize).copied().unwrap_or(0)
     }
 
+    /// Declares how fast an agent's cores are (1.0 = reference).
+    pub fn set_agent_speed(&mut self, agent: AgentSlot, speed: f64) {
+        let speed = if speed.is_finite() && speed > 0.0 {
+            speed
+        } else {
+            1.0
+        };
+        self.speeds.insert(agent, speed);
+    }
+
+    /// Declares an agent's workers before they ask, so batch sizes account for every worker
+    /// from the first request on.
+    pub fn add_agent(&mut self, agent: AgentSlot, workers: u32, speed: f64) {
+        self.set_agent_speed(agent, speed);
+        for worker in 0..workers {
+            self.workers.entry(WorkerKey { agent, worker }).or_default();
+        }
+    }
+
+    pub fn agent_speed(&self, agent: AgentSlot) -> f64 {
+        self.speeds.get(&agent).copied().unwrap_or(1.0)
+    }
+
     pub fn lease_status(&self, lease: u64) -> LeaseStatus {
         match self.leases.get(&lease) {
             None => LeaseStatus::Unknown,
@@ -173,15 +256,31 @@ impl Scheduler {
         self.workers.values().filter(|w| !w.gone).count()
     }
 
+    /// The expected cost of a test in reference seconds: its history, else the mean of this
+    /// run's tests without history so far, else a guess.
+    fn cost(&self, test: u32) -> f64 {
+        let i = test as usize;
+        if self.known.get(i).copied().unwrap_or(false) {
+            return self.estimate[i];
+        }
+        match self.observed {
+            (sum, n) if n > 0 => sum / n as f64,
+            _ => UNKNOWN_TEST_SECONDS,
+        }
+    }
+
+    fn unit_cost(&self, unit: &Unit) -> f64 {
+        unit.tests.iter().map(|t| self.cost(*t)).sum()
+    }
+
     pub fn handle(&mut self, event: Event, _now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         match event {
             Event::WantWork(key) => {
                 let state = self.workers.entry(key).or_default();
-                if state.gone {
-                    return actions;
+                if !state.gone {
+                    self.serve(key, &mut actions);
                 }
-                self.serve(key, &mut actions);
             }
             Event::Started { lease } => {
                 if let LeaseStatus::Current { worker, .. } = self.lease_status(lease) {
@@ -190,36 +289,7 @@ impl Scheduler {
                     }
                 }
             }
-            Event::Finished { lease } => {
-                let status = self.lease_status(lease);
-                if let Some(info) = self.leases.get(&lease).copied() {
-                    if let Some(state) = self.workers.get_mut(&info.worker) {
-                        state.held.retain(|l| *l != lease);
-                        state.started.remove(&lease);
-                    }
-                }
-                if let LeaseStatus::Current { test, .. } = status {
-                    self.tests[test as usize] = TestState::Done;
-                    self.done += 1;
-                    actions.push(Action::TestDone { test, lease });
-                }
-            }
-            Event::WorkerExited { worker, unstarted } => {
-                let held = match self.workers.get_mut(&worker) {
-                    Some(state) => {
-                        state.gone = true;
-                        state.started.clear();
-                        std::mem::take(&mut state.held)
-                    }
-                    None => VecDeque::new(),
-                };
-                // The agent reports what the worker never started; anything else it held
-                // (a test it was running when it died) was reported and finished by the agent,
-                // or is lost now: either way it goes back unless it is done.
-                let mut back: Vec<u64> = unstarted;
-                back.extend(held);
-                self.requeue(back, &mut actions);
-            }
+            Event::Finished { lease, seconds } => self.finished(lease, seconds, &mut actions),
             Event::Revoked { worker, leases } => {
                 let mut back = Vec::new();
                 if let Some(state) = self.workers.get_mut(&worker) {
@@ -230,6 +300,32 @@ impl Scheduler {
                         }
                     }
                 }
+                // Whatever was not given back has started: it is no longer being asked for.
+                let asked: Vec<u64> = self
+                    .revoking
+                    .iter()
+                    .copied()
+                    .filter(|l| self.leases.get(l).is_some_and(|i| i.worker == worker))
+                    .collect();
+                for lease in asked {
+                    self.revoking.remove(&lease);
+                }
+                self.requeue(back, &mut actions);
+            }
+            Event::WorkerExited { worker, unstarted } => {
+                let held = match self.workers.get_mut(&worker) {
+                    Some(state) => {
+                        state.gone = true;
+                        state.started.clear();
+                        std::mem::take(&mut state.held)
+                    }
+                    None => VecDeque::new(),
+                };
+                // The agent reports what the worker never started; anything else it held (a
+                // test it was running when it died) was reported and finished by the agent, or
+                // is lost now: either way it goes back unless it is done.
+                let mut back: Vec<u64> = unstarted;
+                back.extend(held);
                 self.requeue(back, &mut actions);
             }
             Event::AgentLost(agent) => {
@@ -252,11 +348,46 @@ impl Scheduler {
         actions
     }
 
+    fn finished(&mut self, lease: u64, seconds: f64, actions: &mut Vec<Action>) {
+        let status = self.lease_status(lease);
+        self.revoking.remove(&lease);
+        let Some(info) = self.leases.get(&lease).copied() else {
+            return;
+        };
+        if let Some(state) = self.workers.get_mut(&info.worker) {
+            state.held.retain(|l| *l != lease);
+            state.started.remove(&lease);
+        }
+        let LeaseStatus::Current { test, .. } = status else {
+            return;
+        };
+        self.tests[test as usize] = TestState::Done;
+        self.done += 1;
+        if seconds.is_finite() && seconds >= 0.0 {
+            let speed = self.agent_speed(info.worker.agent);
+            let i = test as usize;
+            if self.known[i] {
+                // Refine the agent's speed from tests long enough to measure.
+                let expected = self.estimate[i];
+                if expected > 0.005 && seconds > 0.005 {
+                    let sample = (expected / seconds).clamp(0.05, 20.0);
+                    self.speeds
+                        .insert(info.worker.agent, 0.8 * speed + 0.2 * sample);
+                }
+            } else {
+                self.observed.0 += seconds * speed;
+                self.observed.1 += 1;
+            }
+        }
+        actions.push(Action::TestDone { test, lease });
+    }
+
     /// Puts the tests of these leases back at the front of the queue (they were due early)
     /// and hands them to parked workers.
     fn requeue(&mut self, leases: Vec<u64>, actions: &mut Vec<Action>) {
         let mut tests = Vec::new();
         for lease in leases {
+            self.revoking.remove(&lease);
             if let LeaseStatus::Current { test, .. } = self.lease_status(lease) {
                 self.tests[test as usize] = TestState::Queued;
                 tests.push(test);
@@ -264,16 +395,22 @@ impl Scheduler {
         }
         tests.sort_unstable();
         tests.dedup();
-        for test in tests.into_iter().rev() {
-            self.queue.push_front(test);
+        if tests.is_empty() {
+            return;
         }
-        let parked: Vec<WorkerKey> = self
+        for test in tests.into_iter().rev() {
+            let cost = self.cost(test);
+            self.queue.push_front(Unit {
+                tests: vec![test],
+                cost,
+            });
+        }
+        let mut parked: Vec<WorkerKey> = self
             .workers
             .iter()
             .filter(|(_, s)| s.parked && !s.gone)
             .map(|(k, _)| *k)
             .collect();
-        let mut parked = parked;
         parked.sort_unstable();
         for key in parked {
             if self.queue.is_empty() {
@@ -283,44 +420,143 @@ impl Scheduler {
         }
     }
 
-    /// Answers a worker that needs work: a batch, or "nothing for now".
+    fn fastest_live_speed(&self) -> f64 {
+        self.workers
+            .iter()
+            .filter(|(_, s)| !s.gone)
+            .map(|(k, _)| self.agent_speed(k.agent))
+            .fold(0.0, f64::max)
+    }
+
+    /// Answers a worker that needs work: a batch, or "nothing for now" (and then, if another
+    /// worker sits on unstarted work, a request to give some back).
     fn serve(&mut self, key: WorkerKey, actions: &mut Vec<Action>) {
         let live = self.live_workers().max(1);
-        let unstarted = self.workers.get(&key).map(|s| s.unstarted()).unwrap_or(0);
-        let guided = self.queue.len() / (4 * live);
-        let want = guided
-            .clamp(1, MAX_BATCH)
-            .max(2usize.saturating_sub(unstarted));
+        let unstarted = self
+            .workers
+            .get(&key)
+            .map(|s| s.unstarted().count())
+            .unwrap_or(0);
+        let speed = self.agent_speed(key.agent);
+        let remaining: f64 = self.queue.iter().map(|u| self.unit_cost(u)).sum();
+        // A slow worker leaves the long tests at the front to faster ones when it would finish
+        // them later than the run's expected end.
+        let capacity: f64 = self
+            .workers
+            .iter()
+            .filter(|(_, s)| !s.gone)
+            .map(|(k, _)| self.agent_speed(k.agent))
+            .sum();
+        let from_back = speed < SLOW_WORKER * self.fastest_live_speed()
+            && self
+                .queue
+                .front()
+                .is_some_and(|u| self.unit_cost(u) / speed > remaining / capacity.max(speed));
+        let target = (remaining / (4 * live) as f64).max(MIN_BATCH_SECONDS);
+        let min_tests = 2usize.saturating_sub(unstarted);
         let mut leases = Vec::new();
-        while leases.len() < want {
-            let Some(test) = self.queue.pop_front() else {
+        let mut batch_cost = 0.0;
+        while leases.len() < MAX_BATCH
+            && (leases.is_empty() || batch_cost < target || leases.len() < min_tests)
+        {
+            // A test taken only so the worker knows what follows comes from the back: the
+            // shortest, never a second long test that another worker should start now.
+            let filler = !leases.is_empty() && batch_cost >= target;
+            let unit = if from_back || filler {
+                self.queue.pop_back()
+            } else {
+                self.queue.pop_front()
+            };
+            let Some(unit) = unit else {
                 break;
             };
-            let lease = self.next_lease;
-            self.next_lease += 1;
-            self.tests[test as usize] = TestState::Leased(lease);
-            self.attempts[test as usize] += 1;
-            self.leases.insert(lease, LeaseInfo { test, worker: key });
-            leases.push(Lease { lease, test });
+            batch_cost += self.unit_cost(&unit);
+            for test in unit.tests {
+                let lease = self.next_lease;
+                self.next_lease += 1;
+                self.tests[test as usize] = TestState::Leased(lease);
+                self.attempts[test as usize] += 1;
+                self.leases.insert(lease, LeaseInfo { test, worker: key });
+                leases.push(Lease { lease, test });
+            }
         }
         let state = self.workers.entry(key).or_default();
-        if leases.is_empty() {
-            state.parked = true;
-            actions.push(Action::NoWork { worker: key });
-        } else {
+        if !leases.is_empty() {
             state.parked = false;
             state.held.extend(leases.iter().map(|l| l.lease));
             actions.push(Action::Assign {
                 worker: key,
                 leases,
             });
+            return;
         }
+        state.parked = true;
+        actions.push(Action::NoWork { worker: key });
+        self.take_back(key, actions);
+    }
+
+    /// The queue is empty and `idle` has nothing: ask the worker sitting on the most unstarted
+    /// work to give back the tail of it.
+    fn take_back(&mut self, idle: WorkerKey, actions: &mut Vec<Action>) {
+        let mut best: Option<(WorkerKey, f64)> = None;
+        for (key, state) in &self.workers {
+            // A worker that is not running anything starts its held test at once: taking it
+            // would only move the wait.
+            if *key == idle || state.gone || state.started.is_empty() {
+                continue;
+            }
+            let work: f64 = state
+                .unstarted()
+                .filter(|l| !self.revoking.contains(l))
+                .filter_map(|l| self.leases.get(&l))
+                .map(|info| self.cost(info.test) / self.agent_speed(key.agent))
+                .sum();
+            if best.is_none_or(|(_, w)| work > w) {
+                best = Some((*key, work));
+            }
+        }
+        let Some((victim, work)) = best else {
+            return;
+        };
+        if work < 2.0 * MIN_TAKE_BACK_SECONDS {
+            return;
+        }
+        let Some(state) = self.workers.get(&victim) else {
+            return;
+        };
+        let speed = self.agent_speed(victim.agent);
+        let mut taken = Vec::new();
+        let mut taken_work = 0.0;
+        // From the tail: what the victim would run last.
+        for lease in state.unstarted().rev() {
+            if self.revoking.contains(&lease) {
+                continue;
+            }
+            if taken_work >= work / 2.0 {
+                break;
+            }
+            let Some(info) = self.leases.get(&lease) else {
+                continue;
+            };
+            taken_work += self.cost(info.test) / speed;
+            taken.push(lease);
+        }
+        if taken.is_empty() || taken_work < MIN_TAKE_BACK_SECONDS {
+            return;
+        }
+        taken.reverse();
+        self.revoking.extend(taken.iter().copied());
+        actions.push(Action::Revoke {
+            worker: victim,
+            leases: taken,
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use std::time::Duration;
 
     fn w(agent: u32, worker: u32) -> WorkerKey {
@@ -337,97 +573,229 @@ mod tests {
             .collect()
     }
 
-    /// Runs a simulated farm with virtual time until the run is done: each worker runs its
-    /// held tests one after another, each taking `duration(test)`.
+    /// A scheduler over tests with known durations (seconds), each its own unit.
+    fn known(durations: &[f64]) -> Scheduler {
+        let units = durations
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Unit {
+                tests: vec![i as u32],
+                cost: *d,
+            })
+            .collect();
+        Scheduler::new(
+            units,
+            Estimates {
+                per_test: durations.to_vec(),
+                known: vec![true; durations.len()],
+            },
+        )
+    }
+
+    /// What a simulated run did.
+    struct Simulation {
+        /// (test, worker) in order of finishing.
+        done: Vec<(u32, WorkerKey)>,
+        /// (test, worker, start time) in order of starting.
+        starts: Vec<(u32, WorkerKey, Duration)>,
+        makespan: Duration,
+    }
+
+    /// Runs a simulated farm with virtual time until the run is done. Each worker runs its held
+    /// tests one after another, a test taking `duration(test) / speed(agent)`, and follows the
+    /// real worker's rules: it starts a test only when it knows the next one or was told there
+    /// is nothing more, asks when it holds fewer than two unstarted tests, and gives back
+    /// unstarted tests when asked. Messages arrive instantly.
     fn simulate(
         sched: &mut Scheduler,
         workers: &[WorkerKey],
-        duration: impl Fn(u32) -> Duration,
-    ) -> (Vec<(u32, WorkerKey)>, Duration) {
+        speed: impl Fn(u32) -> f64,
+        duration: impl Fn(u32) -> f64,
+    ) -> Simulation {
         let t0 = Instant::now();
-        let mut now = t0;
+        let mut now = Duration::ZERO;
         let mut held: HashMap<WorkerKey, VecDeque<Lease>> = HashMap::new();
-        let mut busy_until: HashMap<WorkerKey, (Instant, Lease)> = HashMap::new();
+        let mut busy: HashMap<WorkerKey, (Duration, Lease)> = HashMap::new();
         let mut parked: BTreeSet<WorkerKey> = BTreeSet::new();
-        let mut done = Vec::new();
-        let mut pending: VecDeque<WorkerKey> = workers.iter().copied().collect();
-        for _ in 0..1_000_000 {
-            while let Some(key) = pending.pop_front() {
-                for action in sched.handle(Event::WantWork(key), now) {
-                    apply(action, &mut held, &mut parked, &mut done);
+        let mut asked: BTreeSet<WorkerKey> = BTreeSet::new();
+        let mut sim = Simulation {
+            done: Vec::new(),
+            starts: Vec::new(),
+            makespan: Duration::ZERO,
+        };
+        let mut inbox: VecDeque<Event> = VecDeque::new();
+        // The dispatcher declares each agent's workers when it joins the run.
+        let mut per_agent: BTreeMap<u32, u32> = BTreeMap::new();
+        for key in workers {
+            let count = per_agent.entry(key.agent).or_default();
+            *count = (*count).max(key.worker + 1);
+        }
+        for (agent, count) in per_agent {
+            sched.add_agent(agent, count, speed(agent));
+        }
+        for _ in 0..10_000_000 {
+            // Deliver scheduler events and apply its actions until quiet.
+            while let Some(event) = inbox.pop_front() {
+                for action in sched.handle(event, t0 + now) {
+                    match action {
+                        Action::Assign { worker, leases } => {
+                            parked.remove(&worker);
+                            asked.remove(&worker);
+                            held.entry(worker).or_default().extend(leases);
+                        }
+                        Action::NoWork { worker } => {
+                            parked.insert(worker);
+                            asked.remove(&worker);
+                        }
+                        Action::Revoke { worker, leases } => {
+                            let q = held.entry(worker).or_default();
+                            let removed: Vec<u64> = leases
+                                .iter()
+                                .copied()
+                                .filter(|l| q.iter().any(|x| x.lease == *l))
+                                .collect();
+                            q.retain(|x| !removed.contains(&x.lease));
+                            inbox.push_back(Event::Revoked {
+                                worker,
+                                leases: removed,
+                            });
+                        }
+                        Action::TestDone { test, .. } => {
+                            let worker = sim
+                                .starts
+                                .iter()
+                                .rev()
+                                .find(|(t, _, _)| *t == test)
+                                .map(|(_, w, _)| *w)
+                                .unwrap();
+                            sim.done.push((test, worker));
+                        }
+                        Action::RunDone => {}
+                    }
                 }
             }
-            // Start what can start: a worker starts its next test when it knows the one after
-            // or was told there is nothing more.
+            // Workers start what they can, and ask when they cannot.
             for key in workers {
-                if busy_until.contains_key(key) {
+                if busy.contains_key(key) {
                     continue;
                 }
                 let q = held.entry(*key).or_default();
                 if q.len() >= 2 || (q.len() == 1 && parked.contains(key)) {
                     let lease = q.pop_front().unwrap();
-                    sched.handle(Event::Started { lease: lease.lease }, now);
-                    busy_until.insert(*key, (now + duration(lease.test), lease));
-                } else if !parked.contains(key) && !pending.contains(key) {
-                    pending.push_back(*key);
+                    inbox.push_back(Event::Started { lease: lease.lease });
+                    let secs = duration(lease.test) / speed(key.agent);
+                    busy.insert(*key, (now + Duration::from_secs_f64(secs), lease));
+                    sim.starts.push((lease.test, *key, now));
+                }
+                let q = held.entry(*key).or_default();
+                if q.len() < 2 && !parked.contains(key) && !asked.contains(key) {
+                    asked.insert(*key);
+                    inbox.push_back(Event::WantWork(*key));
                 }
             }
-            if !pending.is_empty() {
+            if !inbox.is_empty() {
                 continue;
             }
-            let Some((&key, &(until, lease))) = busy_until.iter().min_by_key(|(_, (t, _))| *t)
-            else {
+            let Some((&key, &(until, lease))) = busy.iter().min_by_key(|(_, (t, _))| *t) else {
                 break;
             };
             now = until;
-            busy_until.remove(&key);
-            for action in sched.handle(Event::Finished { lease: lease.lease }, now) {
-                apply(action, &mut held, &mut parked, &mut done);
-            }
-            if sched.is_done() {
+            busy.remove(&key);
+            let secs = duration(lease.test) / speed(key.agent);
+            inbox.push_back(Event::Finished {
+                lease: lease.lease,
+                seconds: secs,
+            });
+            if sched.is_done() && inbox.is_empty() {
                 break;
             }
         }
-        (done, now - t0)
+        // Drain the last events.
+        while let Some(event) = inbox.pop_front() {
+            for action in sched.handle(event, t0 + now) {
+                if let Action::TestDone { test, .. } = action {
+                    let worker = sim
+                        .starts
+                        .iter()
+                        .rev()
+                        .find(|(t, _, _)| *t == test)
+                        .map(|(_, w, _)| *w)
+                        .unwrap();
+                    sim.done.push((test, worker));
+                }
+            }
+        }
+        sim.makespan = now;
+        sim
     }
 
-    fn apply(
-        action: Action,
-        held: &mut HashMap<WorkerKey, VecDeque<Lease>>,
-        parked: &mut BTreeSet<WorkerKey>,
-        done: &mut Vec<(u32, WorkerKey)>,
-    ) {
-        match action {
-            Action::Assign { worker, leases } => {
-                parked.remove(&worker);
-                held.entry(worker).or_default().extend(leases);
-            }
-            Action::NoWork { worker } => {
-                parked.insert(worker);
-            }
-            Action::TestDone { test, .. } => done.push((test, w(0, 0))),
-            Action::RunDone => {}
-        }
+    fn lower_bound(durations: &[f64], workers: usize) -> f64 {
+        let total: f64 = durations.iter().sum();
+        let longest = durations.iter().copied().fold(0.0, f64::max);
+        longest.max(total / workers as f64)
+    }
+
+    /// The `tail` shape: 400 short tests, then three long ones last in collection order.
+    fn tail_suite() -> Vec<f64> {
+        let mut d: Vec<f64> = (0..400)
+            .map(|i| 0.01 + (i * 37 % 90) as f64 / 1000.0)
+            .collect();
+        d.extend([2.0, 1.5, 1.0]);
+        d
     }
 
     #[test]
     fn every_test_runs_exactly_once_on_a_simulated_farm() {
         let workers: Vec<WorkerKey> = (0..50).flat_map(|a| (0..8).map(move |i| w(a, i))).collect();
-        let mut sched = Scheduler::new(20_000);
-        let (done, _) = simulate(&mut sched, &workers, |t| {
-            Duration::from_millis(1 + (t as u64 * 7919) % 50)
-        });
+        let durations: Vec<f64> = (0..20_000)
+            .map(|t| 0.001 + (t as u64 * 7919 % 50) as f64 / 1000.0)
+            .collect();
+        let mut sched = Scheduler::uniform(20_000);
+        let sim = simulate(&mut sched, &workers, |_| 1.0, |t| durations[t as usize]);
         assert!(sched.is_done());
-        let mut tests: Vec<u32> = done.iter().map(|(t, _)| *t).collect();
+        let mut tests: Vec<u32> = sim.done.iter().map(|(t, _)| *t).collect();
         tests.sort_unstable();
         tests.dedup();
         assert_eq!(tests.len(), 20_000);
-        assert_eq!(done.len(), 20_000, "no test finished twice");
+        assert_eq!(sim.done.len(), 20_000, "no test finished twice");
+    }
+
+    #[test]
+    fn with_history_the_longest_tests_start_first_and_the_run_ends_near_the_bound() {
+        let durations = tail_suite();
+        let workers: Vec<WorkerKey> = (0..8).map(|i| w(0, i)).collect();
+        let mut sched = known(&durations);
+        let sim = simulate(&mut sched, &workers, |_| 1.0, |t| durations[t as usize]);
+        let first: Vec<u32> = sim.starts.iter().take(3).map(|(t, _, _)| *t).collect();
+        let mut first_sorted = first.clone();
+        first_sorted.sort_unstable();
+        assert_eq!(
+            first_sorted,
+            vec![400, 401, 402],
+            "the three long tests start first"
+        );
+        let bound = lower_bound(&durations, 8);
+        let makespan = sim.makespan.as_secs_f64();
+        assert!(
+            makespan <= bound * 1.05,
+            "makespan {makespan:.3} s vs lower bound {bound:.3} s"
+        );
+    }
+
+    #[test]
+    fn without_history_collection_order_leaves_the_tail_late() {
+        // The contrast the history exists for: the same suite, nothing known.
+        let durations = tail_suite();
+        let workers: Vec<WorkerKey> = (0..8).map(|i| w(0, i)).collect();
+        let mut sched = Scheduler::uniform(durations.len() as u32);
+        let sim = simulate(&mut sched, &workers, |_| 1.0, |t| durations[t as usize]);
+        let bound = lower_bound(&durations, 8);
+        assert!(sim.makespan.as_secs_f64() > bound * 1.2);
     }
 
     #[test]
     fn a_worker_is_never_asked_to_start_without_knowing_the_next_test() {
-        let mut sched = Scheduler::new(10);
+        let mut sched = Scheduler::uniform(10);
         let now = Instant::now();
         let actions = sched.handle(Event::WantWork(w(0, 0)), now);
         assert!(
@@ -437,14 +805,52 @@ mod tests {
     }
 
     #[test]
+    fn short_tests_travel_in_batches_long_ones_alone() {
+        let mut durations = vec![0.0005; 1_000];
+        durations.extend([5.0, 4.0]);
+        let mut sched = known(&durations);
+        let now = Instant::now();
+        for i in 0..2 {
+            sched.workers.entry(w(0, i)).or_default();
+        }
+        let first = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
+        assert_eq!(
+            first.len(),
+            2,
+            "a long test alone, with a short one to follow it"
+        );
+        assert_eq!(first[0].test, 1000);
+        assert!(first[1].test < 1000, "the follower is short: {first:?}");
+        let second = assigned(&sched.handle(Event::WantWork(w(0, 1)), now));
+        assert_eq!(
+            second[0].test, 1001,
+            "the other long test goes to the other worker"
+        );
+        let third = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
+        assert!(
+            third.len() >= 20,
+            "tiny tests come many at a time: {}",
+            third.len()
+        );
+        assert!(third.len() <= MAX_BATCH);
+    }
+
+    #[test]
     fn an_empty_queue_answers_nothing_for_now_and_the_run_ends() {
-        let mut sched = Scheduler::new(1);
+        let mut sched = Scheduler::uniform(1);
         let now = Instant::now();
         let a = sched.handle(Event::WantWork(w(0, 0)), now);
         let lease = assigned(&a)[0].lease;
+        // Worker 0 has not started its test (it waits to learn what follows): nothing to take.
         let b = sched.handle(Event::WantWork(w(0, 1)), now);
         assert_eq!(b, vec![Action::NoWork { worker: w(0, 1) }]);
-        let c = sched.handle(Event::Finished { lease }, now);
+        let c = sched.handle(
+            Event::Finished {
+                lease,
+                seconds: 0.1,
+            },
+            now,
+        );
         assert_eq!(
             c,
             vec![Action::TestDone { test: 0, lease }, Action::RunDone]
@@ -452,8 +858,141 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_worker_takes_back_unstarted_work_from_a_busy_one() {
+        let durations = vec![1.0; 6];
+        let mut sched = known(&durations);
+        let now = Instant::now();
+        // One worker grabs everything before the other exists.
+        let all = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
+        assert!(all.len() >= 2);
+        let mut held: Vec<Lease> = all;
+        while held.len() < 6 {
+            held.extend(assigned(&sched.handle(Event::WantWork(w(0, 0)), now)));
+        }
+        sched.handle(
+            Event::Started {
+                lease: held[0].lease,
+            },
+            now,
+        );
+        // A new agent joins mid-run: the queue is empty, so it parks and work is taken back.
+        let actions = sched.handle(Event::WantWork(w(1, 0)), now);
+        assert_eq!(actions[0], Action::NoWork { worker: w(1, 0) });
+        let Action::Revoke { worker, leases } = &actions[1] else {
+            panic!("expected a revoke, got {actions:?}");
+        };
+        assert_eq!(*worker, w(0, 0));
+        assert!(
+            !leases.contains(&held[0].lease),
+            "a started test is never taken back"
+        );
+        let tail: Vec<u64> = held
+            .iter()
+            .rev()
+            .take(leases.len())
+            .map(|l| l.lease)
+            .rev()
+            .collect();
+        assert_eq!(
+            leases, &tail,
+            "the tail is taken: what the busy worker would run last"
+        );
+        // The busy worker gives them back; the parked one gets them at once.
+        let given = sched.handle(
+            Event::Revoked {
+                worker: w(0, 0),
+                leases: leases.clone(),
+            },
+            now,
+        );
+        let moved = assigned(&given);
+        assert!(moved.len() >= 2, "{given:?}");
+        let revoked_tests: Vec<u32> = held
+            .iter()
+            .filter(|l| leases.contains(&l.lease))
+            .map(|l| l.test)
+            .collect();
+        assert!(moved.iter().all(|l| revoked_tests.contains(&l.test)));
+        assert!(matches!(given[0], Action::Assign { worker, .. } if worker == w(1, 0)));
+        // The old leases are superseded; the tests have new ones.
+        for lease in leases {
+            assert!(matches!(
+                sched.lease_status(*lease),
+                LeaseStatus::Superseded { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn an_agent_joining_mid_run_gets_work_and_the_run_still_ends_near_the_bound() {
+        let durations: Vec<f64> = vec![0.2; 200];
+        let early: Vec<WorkerKey> = (0..2).map(|i| w(0, i)).collect();
+        let all: Vec<WorkerKey> = (0..2)
+            .map(|i| w(0, i))
+            .chain((0..2).map(|i| w(1, i)))
+            .collect();
+        // Both agents from the start vs. the second one joining after the first took work.
+        let mut sched = known(&durations);
+        let now = Instant::now();
+        for key in &early {
+            sched.handle(Event::WantWork(*key), now);
+        }
+        let sim = simulate(&mut sched, &all, |_| 1.0, |t| durations[t as usize]);
+        assert!(
+            sim.done.iter().any(|(_, k)| k.agent == 1),
+            "the late agent ran tests"
+        );
+        let bound = lower_bound(&durations, 4);
+        assert!(
+            sim.makespan.as_secs_f64() <= bound * 1.15,
+            "{:?}",
+            sim.makespan
+        );
+    }
+
+    #[test]
+    fn the_longest_tests_go_to_the_fastest_machine() {
+        // Ideal: 8 reference seconds over a total speed of 4, done in 2 s. A long test on the
+        // slow machine alone would take 3 s.
+        let mut durations = vec![3.0, 3.0];
+        durations.extend(vec![0.1; 20]);
+        let mut sched = known(&durations);
+        sched.set_agent_speed(0, 1.0); // slow machine
+        sched.set_agent_speed(1, 3.0); // fast machine
+        let workers = [w(0, 0), w(1, 0)];
+        let sim = simulate(
+            &mut sched,
+            &workers,
+            |a| if a == 1 { 3.0 } else { 1.0 },
+            |t| durations[t as usize],
+        );
+        for long in [0u32, 1] {
+            let ran_on = sim.done.iter().find(|(t, _)| *t == long).unwrap().1;
+            assert_eq!(ran_on.agent, 1, "long test {long} ran on the fast machine");
+        }
+    }
+
+    #[test]
+    fn observed_durations_refine_an_agents_speed() {
+        let mut sched = known(&[1.0, 1.0, 1.0, 1.0]);
+        sched.set_agent_speed(0, 1.0);
+        let now = Instant::now();
+        let leases = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
+        for lease in leases {
+            sched.handle(
+                Event::Finished {
+                    lease: lease.lease,
+                    seconds: 0.5,
+                },
+                now,
+            );
+        }
+        assert!(sched.agent_speed(0) > 1.2, "{}", sched.agent_speed(0));
+    }
+
+    #[test]
     fn a_lost_agents_tests_go_to_parked_workers_and_late_reports_are_superseded() {
-        let mut sched = Scheduler::new(2);
+        let mut sched = Scheduler::uniform(2);
         let now = Instant::now();
         let first = assigned(&sched.handle(Event::WantWork(w(1, 0)), now));
         assert_eq!(first.len(), 2);
@@ -463,11 +1002,9 @@ mod tests {
             },
             now,
         );
-        // Another agent's worker finds nothing and parks.
-        assert_eq!(
-            sched.handle(Event::WantWork(w(2, 0)), now),
-            vec![Action::NoWork { worker: w(2, 0) }]
-        );
+        // Another agent's worker finds nothing and parks (the run is small: no take-back).
+        let parked = sched.handle(Event::WantWork(w(2, 0)), now);
+        assert_eq!(parked[0], Action::NoWork { worker: w(2, 0) });
         let requeued = sched.handle(Event::AgentLost(1), now);
         let again = assigned(&requeued);
         assert_eq!(
@@ -483,7 +1020,8 @@ mod tests {
         assert!(sched
             .handle(
                 Event::Finished {
-                    lease: first[0].lease
+                    lease: first[0].lease,
+                    seconds: 0.1
                 },
                 now
             )
@@ -491,7 +1029,13 @@ mod tests {
         assert_eq!(sched.finished_count(), 0);
         assert_eq!(sched.attempts(0), 2);
         for lease in &again {
-            sched.handle(Event::Finished { lease: lease.lease }, now);
+            sched.handle(
+                Event::Finished {
+                    lease: lease.lease,
+                    seconds: 0.1,
+                },
+                now,
+            );
         }
         assert!(sched.is_done());
         assert_eq!(sched.lease_status(999), LeaseStatus::Unknown);
@@ -499,7 +1043,7 @@ mod tests {
 
     #[test]
     fn a_crashed_workers_unstarted_tests_run_elsewhere() {
-        let mut sched = Scheduler::new(3);
+        let mut sched = Scheduler::uniform(3);
         let now = Instant::now();
         let held = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
         sched.handle(
@@ -512,38 +1056,23 @@ mod tests {
         sched.handle(
             Event::Finished {
                 lease: held[0].lease,
+                seconds: 0.0,
             },
             now,
         );
+        let unstarted: Vec<u64> = held[1..].iter().map(|l| l.lease).collect();
         sched.handle(
             Event::WorkerExited {
                 worker: w(0, 0),
-                unstarted: vec![held[1].lease],
+                unstarted,
             },
             now,
         );
         let other = assigned(&sched.handle(Event::WantWork(w(0, 1)), now));
-        let tests: Vec<u32> = other.iter().map(|l| l.test).collect();
+        let mut tests: Vec<u32> = other.iter().map(|l| l.test).collect();
+        tests.sort_unstable();
         assert_eq!(tests, vec![1, 2]);
         // The dead worker asking again (a stale message) gets nothing.
         assert!(sched.handle(Event::WantWork(w(0, 0)), now).is_empty());
-    }
-
-    #[test]
-    fn batches_shrink_as_the_queue_drains() {
-        let mut sched = Scheduler::new(10_000);
-        let now = Instant::now();
-        let workers: Vec<WorkerKey> = (0..4).map(|i| w(0, i)).collect();
-        for key in &workers {
-            sched.workers.entry(*key).or_default();
-        }
-        let first = assigned(&sched.handle(Event::WantWork(workers[0]), now));
-        assert_eq!(first.len(), MAX_BATCH);
-        // Drain nearly everything.
-        while sched.queue.len() > 10 {
-            let _ = sched.queue.pop_front();
-        }
-        let late = assigned(&sched.handle(Event::WantWork(workers[1]), now));
-        assert_eq!(late.len(), 2, "near the end, only a test and its successor");
     }
 }

@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::dispatcher::{DispatcherHandle, Input};
+use crate::units::Dist;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -147,6 +148,9 @@ impl Runs for Service {
                 request.protocol_version,
                 "client",
             )));
+        }
+        if let Err(reason) = request.dist.parse::<Dist>() {
+            return Err(Status::invalid_argument(reason));
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();

@@ -5,6 +5,7 @@
 mod bad_input;
 mod distributed;
 mod fixture_project;
+mod history;
 mod listen;
 mod local;
 mod mismatched_agent;
