@@ -2,25 +2,14 @@
 //! pipeline), with workers of its own, joined by a remote `fly-agent`. The run must report what
 //! plain pytest reports, use both agents, and exit with pytest's exit code.
 
-use std::path::PathBuf;
-
 use fly_tests::check::assert_run_matches_pytest;
 use fly_tests::db::{try_count, FlyDb};
 use fly_tests::fly;
+use fly_tests::gate::Gate;
 use fly_tests::paths::python;
 use fly_tests::pytest::run_plain_pytest;
 use fly_tests::sandbox::Sandbox;
 use fly_tests::{poll_until, HANG_GUARD};
-
-/// Opens the fixture project's gate (see `test_gate.py`) when dropped, so a failing test never
-/// leaves a pytest worker waiting on it.
-struct Gate(PathBuf);
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.0, b"open");
-    }
-}
 
 #[test]
 fn a_coordinator_for_one_run_takes_remote_agents_and_exits_with_pytests_code() {
@@ -40,12 +29,12 @@ fn a_coordinator_for_one_run_takes_remote_agents_and_exits_with_pytests_code() {
     let fly_logs = sandbox.dir("fly-fixture-logs");
     // The local worker holds the gate test until the remote agent has joined, so the run is
     // still open when it connects, whatever the timing.
-    let gate = Gate(sandbox.path("gate"));
+    let gate = Gate::new(sandbox.path("gate"));
     let run = fly::run_listen_local(
         &client_dir,
         &db,
         Some(&fly_logs),
-        &[("FLY_GATE_FILE", &gate.0)],
+        &[("FLY_GATE_FILE", gate.path())],
         &["."],
     );
     let url = poll_until(HANG_GUARD, || {
@@ -73,7 +62,7 @@ fn a_coordinator_for_one_run_takes_remote_agents_and_exits_with_pytests_code() {
             remote.stderr_so_far()
         )
     });
-    std::fs::write(&gate.0, b"open").expect("opening the gate");
+    gate.open();
 
     let finished = run.wait(HANG_GUARD);
     assert_run_matches_pytest(&finished, &db, &fly_logs, &oracle, &oracle_logs);

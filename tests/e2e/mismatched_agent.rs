@@ -2,12 +2,12 @@
 //! must take no work and say which test ids differ, while the run finishes with the right
 //! results on the agent whose checkout matches.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use fly_tests::check::assert_run_matches_pytest;
 use fly_tests::db::{try_count, FlyDb};
 use fly_tests::fly::{self, Coordinator};
+use fly_tests::gate::Gate;
 use fly_tests::paths::python;
 use fly_tests::pytest::run_plain_pytest;
 use fly_tests::sandbox::Sandbox;
@@ -19,23 +19,6 @@ const EXTRA_TEST: &str = "test_zz_only_on_one_agent.py::test_exists_only_in_this
 /// How long the run is held open for the extra agent to notice the mismatch. Only bounds a
 /// wait; the assertion afterwards says whether it happened.
 const NOTICE_WAIT: Duration = Duration::from_secs(90);
-
-/// Opens the fixture project's gate (see `test_gate.py`) when dropped, so a failing test never
-/// leaves a pytest worker waiting on it.
-struct Gate(PathBuf);
-
-impl Gate {
-    fn open(&self) {
-        std::fs::write(&self.0, b"open")
-            .unwrap_or_else(|e| panic!("writing {}: {e}", self.0.display()));
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.0, b"open");
-    }
-}
 
 #[test]
 fn agent_with_a_different_checkout_takes_no_work_and_names_the_difference() {
@@ -69,7 +52,7 @@ fn agent_with_a_different_checkout_takes_no_work_and_names_the_difference() {
         &[("FLY_GATE_FILE", &gate_file)],
     );
     // Declared after the agents so it is dropped (and the gate opened) before they are stopped.
-    let gate = Gate(gate_file);
+    let gate = Gate::new(gate_file);
 
     // The matching agent joins first, so its collection is the run's.
     let good_id = poll_until(HANG_GUARD, || {

@@ -7,6 +7,7 @@ pub mod check;
 pub mod db;
 pub mod fixture_log;
 pub mod fly;
+pub mod gate;
 pub mod paths;
 pub mod process;
 pub mod pytest;
