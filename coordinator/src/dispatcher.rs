@@ -1154,23 +1154,24 @@ impl Dispatcher {
             return;
         };
         // What this run taught about durations, in reference seconds: each agent's speed as
-        // the scheduler refined it from observed durations.
-        if let Some(scheduler) = run.scheduler.as_ref() {
-            let speeds = run
-                .members
-                .keys()
-                .filter_map(|slot| {
-                    self.agents
-                        .get(slot)
-                        .map(|a| (a.id.clone(), scheduler.agent_speed(*slot)))
-                })
-                .collect();
-            self.store.write(Write::RecordHistory {
+        // the scheduler refined it from observed durations. Recorded after the client has its
+        // verdict: for a large run this takes seconds nobody should wait for.
+        let record_history = run
+            .scheduler
+            .as_ref()
+            .map(|scheduler| Write::RecordHistory {
                 project: run.project.clone(),
                 run_id: run_id.to_string(),
-                speeds,
+                speeds: run
+                    .members
+                    .keys()
+                    .filter_map(|slot| {
+                        self.agents
+                            .get(slot)
+                            .map(|a| (a.id.clone(), scheduler.agent_speed(*slot)))
+                    })
+                    .collect(),
             });
-        }
         let counts: Vec<(String, u32)> = run.counts.ordered();
         let collected = run.collection.as_ref().map(|c| c.len() as u32).unwrap_or(0);
         let status = match code {
@@ -1220,6 +1221,9 @@ impl Dispatcher {
             }
             for follower in followers {
                 let _ = follower.send(Ok(finished.clone()));
+            }
+            if let Some(record) = record_history {
+                store.write(record);
             }
         });
         self.assign_idle_agents();

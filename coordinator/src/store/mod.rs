@@ -1,6 +1,6 @@
 //! The coordinator's SQLite store: a record of runs, agents, collections, every phase report and
 //! every final result, written by one background thread so the async runtime never waits on
-//! SQLite.
+//! SQLite; and the duration history the scheduler plans runs with.
 //!
 //! Only the coordinator writes the database. [`Store::write`] queues a [`Write`] on a channel;
 //! the writer thread drains what is pending (up to [`StoreConfig::batch_limit`] writes), applies
@@ -18,9 +18,16 @@
 //! The channel is unbounded: the producers are the coordinator's own tasks, which must never
 //! block on the store, and the writer normally keeps up by a wide margin. The price is that
 //! while the database cannot be written, queued writes accumulate in memory.
+//!
+//! Reads the coordinator itself needs ([`Store::load_history`]) run on read-only connections of
+//! their own on tokio's blocking pool: never on the writer thread (they would wait behind a
+//! batch) and never on the runtime's threads.
 
+mod history;
 mod schema;
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -29,6 +36,7 @@ use fly_common::proto::{CollectedTest, PhaseReport, Topology};
 use rusqlite::{params, Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
+pub use history::{History, MAX_SAMPLES};
 pub use schema::SCHEMA_VERSION;
 
 /// Run status written by [`Write::RunCreated`].
@@ -70,6 +78,13 @@ pub enum StoreError {
     SpawnWriter(std::io::Error),
     #[error("the store's writer thread for {path} has stopped; writes queued since were lost")]
     WriterGone { path: PathBuf },
+    #[error("cannot start a thread to read the duration history: {0}")]
+    SpawnReader(std::io::Error),
+    #[error("reading the duration history from {path} did not finish: {source}")]
+    ReadTask {
+        path: PathBuf,
+        source: tokio::task::JoinError,
+    },
 }
 
 /// Tuning of the writer. [`Store::open`] uses the defaults; tests shorten the timeouts.
@@ -138,6 +153,10 @@ pub enum Write {
         workdir: String,
         python: String,
         connected_at: f64,
+        /// How fast the agent's cores run Python relative to the reference machine (1.0), from
+        /// its calibration. Stored as NULL when not positive and finite (an agent that did not
+        /// measure it).
+        speed: f64,
     },
     /// An agent's stream ended.
     AgentDisconnected {
@@ -178,6 +197,17 @@ pub enum Write {
         agent_id: String,
         worker: u32,
     },
+    /// The run is over: add what it taught to `project`'s duration history, from the run's
+    /// results and the phase reports of each result's attempt, as written before this. One
+    /// duration sample per test with a result, one fixture-cost sample per module and class
+    /// that can be measured; all in reference seconds, multiplied by `speeds[agent_id]` of the
+    /// agent that ran them (an agent missing from `speeds` falls back to the speed it connected
+    /// with, then 1.0). Queue it once per run: every write adds samples.
+    RecordHistory {
+        project: String,
+        run_id: String,
+        speeds: HashMap<String, f64>,
+    },
 }
 
 impl Write {
@@ -193,6 +223,7 @@ impl Write {
             Write::RunAgent { .. } => "RunAgent",
             Write::Report { .. } => "Report",
             Write::TestResult { .. } => "TestResult",
+            Write::RecordHistory { .. } => "RecordHistory",
         }
     }
 
@@ -205,7 +236,8 @@ impl Write {
             | Write::RunFinished { run_id, .. }
             | Write::RunAgent { run_id, .. }
             | Write::Report { run_id, .. }
-            | Write::TestResult { run_id, .. } => run_id,
+            | Write::TestResult { run_id, .. }
+            | Write::RecordHistory { run_id, .. } => run_id,
             Write::AgentConnected { agent_id, .. } | Write::AgentDisconnected { agent_id, .. } => {
                 agent_id
             }
@@ -230,6 +262,7 @@ enum Command {
 pub struct Store {
     tx: mpsc::Sender<Command>,
     path: Arc<Path>,
+    busy_timeout: Duration,
 }
 
 impl std::fmt::Debug for Store {
@@ -257,6 +290,7 @@ impl Store {
         let mut conn = schema::connect(path, config.busy_timeout)?;
         schema::migrate(&mut conn, path)?;
         let (tx, rx) = mpsc::channel();
+        let busy_timeout = config.busy_timeout;
         let writer = Writer {
             conn,
             path: path.to_path_buf(),
@@ -269,6 +303,7 @@ impl Store {
         Ok(Store {
             tx,
             path: Arc::from(path),
+            busy_timeout,
         })
     }
 
@@ -311,6 +346,25 @@ impl Store {
             .send(Command::Shutdown(done))
             .map_err(|_| self.writer_gone())?;
         wait.await.map_err(|_| self.writer_gone())
+    }
+
+    /// Reads `project`'s duration history (estimates in reference seconds; empty for a project
+    /// never recorded) on read-only connections, from tokio's blocking pool. It sees what was
+    /// committed when it starts: flush first to include writes still queued. Needs a tokio
+    /// runtime when polled.
+    pub fn load_history(
+        &self,
+        project: &str,
+    ) -> impl Future<Output = Result<History, StoreError>> + Send + 'static {
+        let path = self.path.to_path_buf();
+        let project = project.to_owned();
+        let busy_timeout = self.busy_timeout;
+        async move {
+            let task_path = path.clone();
+            tokio::task::spawn_blocking(move || history::load(&task_path, &project, busy_timeout))
+                .await
+                .map_err(|source| StoreError::ReadTask { path, source })?
+        }
     }
 
     fn writer_gone(&self) -> StoreError {
@@ -621,17 +675,19 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             workdir,
             python,
             connected_at,
+            speed,
         } => {
             // A cgroup quota of 0 means "unlimited", which reads better as NULL.
             let quota = (topology.cpu_quota > 0.0).then_some(topology.cpu_quota);
+            let speed = history::valid_speed(*speed);
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO agents (id, hostname, fly_version, protocol_version,
                      workers, logical_cpus, physical_cores, performance_cores, efficiency_cores,
                      threads_per_core, cpu_quota, memory_bytes, core_kind_source, os, arch,
                      topology, labels, workdir, python, connected_at, disconnected_at,
-                     disconnect_reason)
+                     disconnect_reason, speed)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17, ?18, ?19, ?20, NULL, NULL)",
+                     ?17, ?18, ?19, ?20, NULL, NULL, ?21)",
             )?
             .execute(params![
                 agent_id,
@@ -654,6 +710,7 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
                 workdir,
                 python,
                 connected_at,
+                speed,
             ])?;
         }
         Write::AgentDisconnected {
@@ -766,8 +823,23 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             .execute(params![run_id, test_index, lease])?;
             Ok(())
         })?,
+        Write::RecordHistory {
+            project,
+            run_id,
+            speeds,
+        } => atomically(conn, || {
+            history::record(conn, project, run_id, speeds, epoch_now())
+        })?,
     }
     Ok(())
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 #[cfg(test)]
@@ -1084,6 +1156,7 @@ mod tests {
             workdir: "/srv/work".into(),
             python: "/usr/bin/python3".into(),
             connected_at: 50.0,
+            speed: 1.5,
         });
         store.write(Write::AgentDisconnected {
             agent_id: "agent-a".into(),
@@ -1113,7 +1186,7 @@ mod tests {
                 "SELECT concat_ws('|', hostname, fly_version, protocol_version, workers,
                         logical_cpus, physical_cores, performance_cores, efficiency_cores,
                         threads_per_core, coalesce(cpu_quota, 'NULL'), memory_bytes,
-                        core_kind_source, os, arch)
+                        core_kind_source, os, arch, speed)
                  FROM agents WHERE id = 'agent-a'",
                 [],
                 |r| r.get(0),
@@ -1122,7 +1195,7 @@ mod tests {
         assert_eq!(
             row,
             format!(
-                "box1|0.1.0|1|6|16|10|6|4|2|NULL|{}|intel-hybrid|linux|x86_64",
+                "box1|0.1.0|1|6|16|10|6|4|2|NULL|{}|intel-hybrid|linux|x86_64|1.5",
                 32u64 << 30
             )
         );
@@ -1215,18 +1288,22 @@ mod tests {
             workdir: "/srv/work".into(),
             python: "/usr/bin/python3".into(),
             connected_at: 70.0,
+            speed: 0.0,
         });
         store.close().await.expect("close");
-        let (quota, workers, labels, disconnected): (Option<f64>, u32, String, Option<f64>) = conn
+        type AgentRow = (Option<f64>, u32, String, Option<f64>, Option<f64>);
+        let (quota, workers, labels, disconnected, speed): AgentRow = conn
             .query_row(
-                "SELECT cpu_quota, workers, labels, disconnected_at FROM agents WHERE id = 'agent-a'",
+                "SELECT cpu_quota, workers, labels, disconnected_at, speed
+                 FROM agents WHERE id = 'agent-a'",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .expect("agent row");
+        // An agent that measured no speed (0) has NULL, not a speed of zero.
         assert_eq!(
-            (quota, workers, labels.as_str(), disconnected),
-            (Some(2.5), 2, "{}", None)
+            (quota, workers, labels.as_str(), disconnected, speed),
+            (Some(2.5), 2, "{}", None, None)
         );
     }
 

@@ -5,19 +5,19 @@
 //! each one runs in its own transaction together with the bump of `user_version`, so a crash
 //! mid-migration leaves the file at the previous version, never half-migrated. Migrations are
 //! only ever appended: a released script is never edited, because databases in the field
-//! already ran it. Planned later versions add duration history, attempt/lease tables and
-//! retention; they go after `V1_INITIAL` in `MIGRATIONS`.
+//! already ran it. Planned later versions add attempt/lease tables and retention; they go after
+//! `V2_HISTORY` in `MIGRATIONS`.
 
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use super::StoreError;
 
 /// Every migration, in order. The schema version of a fully migrated database is the length of
 /// this list.
-const MIGRATIONS: &[&str] = &[V1_INITIAL];
+pub(super) const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_HISTORY];
 
 /// The schema version this binary writes. A database with a higher `user_version` was written
 /// by a newer fly and is refused rather than guessed at.
@@ -124,6 +124,33 @@ CREATE TABLE results (
 );
 "#;
 
+/// Version 2: duration history for scheduling, and each agent's speed.
+///
+/// `durations` and `scope_costs` are `WITHOUT ROWID`: rows live in primary-key order, so reading
+/// one project's history (a million rows for a big project) is one contiguous range scan of one
+/// b-tree rather than an index walk plus a table lookup per row.
+const V2_HISTORY: &str = r#"
+CREATE TABLE durations (
+    project     TEXT NOT NULL,
+    nodeid      TEXT NOT NULL,
+    estimate    REAL NOT NULL,
+    samples     TEXT NOT NULL,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (project, nodeid)
+) WITHOUT ROWID;
+
+CREATE TABLE scope_costs (
+    project     TEXT NOT NULL,
+    scope       TEXT NOT NULL,
+    estimate    REAL NOT NULL,
+    samples     TEXT NOT NULL,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (project, scope)
+) WITHOUT ROWID;
+
+ALTER TABLE agents ADD COLUMN speed REAL;
+"#;
+
 /// Opens (or creates) the database file and applies the settings the store relies on: WAL so
 /// readers never block the writer, `synchronous=NORMAL` (durable at every checkpoint, and a
 /// power cut loses at most the last commits, never corrupts), and a busy timeout so a short
@@ -202,4 +229,26 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreErr
         tx.commit().map_err(migrate_err)?;
         tracing::info!(path = %path.display(), version = target, "migrated the store's schema");
     }
+}
+
+/// Opens a read-only connection for queries that run beside the writer (WAL lets them read a
+/// consistent snapshot without blocking it). The file must already exist and be migrated:
+/// [`super::Store::open`] did both.
+pub(super) fn connect_read_only(
+    path: &Path,
+    busy_timeout: Duration,
+) -> Result<Connection, StoreError> {
+    let sqlite = |action: &'static str| {
+        move |source: rusqlite::Error| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            action,
+            source,
+        }
+    };
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(sqlite("opening the database read-only"))?;
+    conn.busy_timeout(busy_timeout)
+        .map_err(sqlite("setting the busy timeout"))?;
+    Ok(conn)
 }
