@@ -6,10 +6,16 @@ reports the collection and, instead of pytest's own run loop, runs the tests the
 the order it sends them, reporting every phase. Stdout, stderr and stdin stay the test suite's:
 the protocol travels only on the socket (agent/src/worker/frame.rs has the Rust side).
 
+Two ways to start: with FLY_WORKER_ID the process is one worker. With FLY_WORKER_FORK=N it is
+the fork server: it collects once, reports the collection, then forks N workers (each connects
+on its own and runs the same loop as above) and stays behind as a small supervisor that reports
+how each of them ended (agent/src/worker.rs explains why).
+
 Only the standard library and pytest (7, 8 or 9) are used.
 """
 
 import collections
+import gc
 import io
 import json
 import os
@@ -21,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 
 import pytest
 
@@ -35,6 +42,21 @@ SMALL_TEXT = 256 * 1024
 COLLECT_CHUNK = 10000
 COLLECT_CHUNK_CHARS = 4 * 1024 * 1024
 HEADER = struct.Struct(">I")
+# One encoder for every message: json.dumps with options builds a new encoder per call.
+ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+# Most reports of a healthy suite are a passed setup, call or teardown without output. Those are
+# written from a template instead of through the JSON encoder: at thousands of tests a second the
+# encoder is a noticeable part of a worker's time. Only words that need no JSON escaping may go
+# between the template's quotes.
+PLAIN_WORDS = frozenset(["", "passed", "failed", "skipped", "error", "xfailed", "xpassed"])
+PHASES = frozenset(["setup", "call", "teardown"])
+PLAIN_REPORT = (
+    '{"type":"report","lease":%d,"index":%d,"phase":"%s","outcome":"%s","category":"%s",'
+    '"duration":%r,"start":%r,"stop":%r,"longrepr":"","message":"","sections":[]}'
+)
+START = '{"type":"start","lease":%d,"index":%d,"at":%r}'
+FINISHED = '{"type":"finished","lease":%d,"index":%d}'
 
 
 def _die(message, code=3):
@@ -67,7 +89,7 @@ class Channel:
     def encode(obj):
         # ensure_ascii=False keeps output small; "replace" turns lone surrogates (from output
         # decoded with surrogateescape) into "?" instead of invalid UTF-8 the agent would refuse.
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+        return ENCODER.encode(obj).encode("utf-8", "replace")
 
     def send(self, obj, data=None):
         if data is None:
@@ -107,6 +129,30 @@ class Channel:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def drop(self):
+        """Closes this process's handle only: the connection stays the fork server's."""
+        try:
+            self.rfile.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _hello(channel, worker, token, forker=False):
+    channel.send(
+        {
+            "type": "hello",
+            "protocol": PROTOCOL,
+            "worker": worker,
+            "token": token,
+            "pid": os.getpid(),
+            "python": platform.python_version(),
+            "pytest": pytest.__version__,
+            "forker": forker,
+        }
+    )
+    channel.flush()
 
 
 def _cut(text, limit):
@@ -173,6 +219,74 @@ def _message(report):
     return _first_line(report.longreprtext)
 
 
+def _group(item):
+    """The item's xdist_group name, as pytest-xdist's loadgroup names it ("" if none)."""
+    names = set()
+    for mark in item.iter_markers("xdist_group"):
+        name = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+        names.add(str(name))
+    return "_".join(sorted(names))
+
+
+def _identity(fd):
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class ForkPlan:
+    """What the fork server needs to start its workers.
+
+    `outputs` holds, per worker, the write ends of the stdout and stderr pipes the agent made
+    for it; `stdout`/`stderr` identify this process's own output pipes, so that every
+    descriptor pointing at them (pytest keeps duplicates for capturing and for faulthandler)
+    can be pointed at the worker's pipes after the fork.
+    """
+
+    def __init__(self, count, fds):
+        if count < 1 or len(fds) != 2 * count:
+            raise ValueError("FLY_WORKER_OUTPUT must name two descriptors per worker")
+        self.count = count
+        self.fds = fds
+        self.outputs = [(fds[2 * i], fds[2 * i + 1]) for i in range(count)]
+        for fd in fds:
+            # Only the forked workers may hold these, not whatever the collection starts.
+            os.set_inheritable(fd, False)
+        self.stdout = _identity(1)
+        self.stderr = _identity(2)
+
+    def rewire(self, worker):
+        """Points every descriptor of the fork server's stdout/stderr at this worker's pipes."""
+        out, err = self.outputs[worker]
+        try:
+            fds = [int(name) for name in os.listdir("/dev/fd")]
+        except (OSError, ValueError):
+            fds = range(1024)
+        for fd in fds:
+            if fd in self.fds:
+                continue
+            ident = _identity(fd)
+            if ident is None:
+                continue
+            if ident == self.stdout:
+                target = out
+            elif ident == self.stderr:
+                target = err
+            else:
+                continue
+            os.dup2(target, fd, inheritable=os.get_inheritable(fd))
+        self.close()
+
+    def close(self):
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class FlyWorkerPlugin:
     """Reports the collection and replaces pytest's run loop with the agent's queue.
 
@@ -180,8 +294,10 @@ class FlyWorkerPlugin:
     a long test runs); the main thread runs tests. They share the queue under `cond`.
     """
 
-    def __init__(self, channel):
+    def __init__(self, channel, token, plan=None):
         self.channel = channel
+        self.token = token
+        self.plan = plan
         self.cond = threading.Condition()
         self.queue = collections.deque()  # (lease, index) not started yet, in order
         self.nomore = False
@@ -191,6 +307,7 @@ class FlyWorkerPlugin:
         self.items = None
         self.deselected = 0
         self.config = None
+        self.stats = None  # the terminal reporter's stats, kept by this plugin while serving
         self.current = None  # (lease, index) of the test running now
         # The setup stack is prepared for this item (the last test's nextitem). When that item
         # was revoked, the stack must be torn down to whatever really runs next.
@@ -288,8 +405,8 @@ class FlyWorkerPlugin:
         size = 0
         for item in session.items:
             path, line = item.location[0], item.location[1]
-            entry = [item.nodeid, str(path), line + 1 if isinstance(line, int) else 0]
-            entry_size = len(entry[0]) + len(entry[1]) + 16
+            entry = [item.nodeid, str(path), line + 1 if isinstance(line, int) else 0, _group(item)]
+            entry_size = len(entry[0]) + len(entry[1]) + len(entry[3]) + 16
             if chunks[-1] and (len(chunks[-1]) >= COLLECT_CHUNK or size + entry_size > COLLECT_CHUNK_CHARS):
                 chunks.append([])
                 size = 0
@@ -312,6 +429,101 @@ class FlyWorkerPlugin:
             session.config.option, "continue_on_collection_errors", False
         )
 
+    # --- forking ---------------------------------------------------------------------------
+
+    def _fork_workers(self, session):
+        """Forks the workers; returns in each worker, never in the fork server itself."""
+        plan = self.plan
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        children = {}
+        for worker in range(plan.count):
+            try:
+                with warnings.catch_warnings():
+                    # Python 3.12+ warns when forking with threads running; under -W error that
+                    # would raise in this process after the child already exists.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    pid = os.fork()
+            except OSError as exc:
+                self.channel.send({"type": "forkfailed", "worker": worker, "error": str(exc)})
+                self.channel.flush()
+                continue
+            if pid == 0:
+                self._become_worker(session, worker)
+                return
+            try:
+                # Also done by the child: whoever runs first, the group exists before the agent
+                # hears of the pid.
+                os.setpgid(pid, pid)
+            except OSError:
+                pass
+            children[pid] = worker
+            self.channel.send({"type": "forked", "worker": worker, "pid": pid})
+            self.channel.flush()
+        plan.close()
+        self._supervise(children)
+
+    def _become_worker(self, session, worker):
+        """Turns a freshly forked child into worker `worker` with its own output and channel."""
+        plan = self.plan
+        try:
+            # Its own process group, so the agent can stop this worker and what its tests start
+            # without touching the others.
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+        os.environ["FLY_WORKER_ID"] = str(worker)
+        os.environ["PYTEST_XDIST_WORKER"] = "gw%d" % worker
+        plan.rewire(worker)
+        self.channel.drop()
+        self.channel = Channel(os.environ["FLY_WORKER_SOCKET"])
+        _hello(self.channel, worker, self.token)
+        self.plan = None
+        # pytest's global capture writes into temporary files shared with every other process
+        # forked from the same parent; start it afresh so this worker's output stays its own.
+        capman = session.config.pluginmanager.get_plugin("capturemanager")
+        if capman is not None:
+            capman.stop_global_capturing()
+            capman.start_global_capturing()
+            capman.suspend_global_capture()
+        self.start_reader()
+
+    def _supervise(self, children):
+        """The fork server's last job: report how each worker ended, then leave."""
+        channel = self.channel
+
+        def watch_agent():
+            # The agent sends nothing here; the end of the connection means it is gone.
+            try:
+                while channel.recv() is not None:
+                    pass
+            except Exception:
+                pass
+            for pid in list(children):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            os._exit(1)
+
+        threading.Thread(target=watch_agent, name="fly-fork-server", daemon=True).start()
+        while children:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            worker = children.pop(pid, None)
+            if worker is None:
+                # Something the collection started; not a worker.
+                continue
+            channel.send({"type": "reaped", "worker": worker, "status": status})
+            channel.flush()
+        # Nothing of pytest's session end may run here: each worker ran its own.
+        os._exit(0)
+
     # --- running ---------------------------------------------------------------------------
 
     @pytest.hookimpl(tryfirst=True)
@@ -324,11 +536,45 @@ class FlyWorkerPlugin:
         self._send_collection(session)
         if session.config.option.collectonly:
             return True
+        # What exists now (the collection, mostly) lives as long as the session. Moving it out
+        # of the garbage collector's sight makes every later full collection cheaper (they
+        # otherwise walk all of it, again and again, while thousands of tests run), and keeps
+        # the pages a fork shares with the workers from being written to by the collector.
+        if hasattr(gc, "freeze"):
+            gc.freeze()
+        if self.plan is not None:
+            self._fork_workers(session)
+        self._quiet_terminal(session.config)
         try:
             self._serve(session)
         finally:
             self._teardown_leftovers(session)
         return True
+
+    def _quiet_terminal(self, config):
+        """Stops the terminal reporter's per-test work while serving.
+
+        The agent throws a worker's progress output away, and the reporter would ask every
+        plugin for each report's status a second time. Its per-test hooks are hidden (pytest
+        registers only routines as hooks) and this plugin keeps its `stats` instead, so the
+        summary and plugins reading the stats see every report.
+        """
+        pm = config.pluginmanager
+        reporter = pm.get_plugin("terminalreporter")
+        if reporter is None or not isinstance(getattr(reporter, "stats", None), dict):
+            return
+        try:
+            pm.unregister(reporter)
+            for name in ("pytest_runtest_logstart", "pytest_runtest_logreport", "pytest_runtest_logfinish"):
+                setattr(reporter, name, None)
+            pm.register(reporter, "terminalreporter")
+        except Exception:
+            sys.stderr.write("fly worker: could not quiet the terminal reporter:\n")
+            traceback.print_exc()
+            if pm.get_plugin("terminalreporter") is None:
+                pm.register(reporter, "terminalreporter")
+            return
+        self.stats = reporter.stats
 
     def _want_if_needed(self):
         # Called with cond held. Ask as soon as fewer than two tests are held, so the answer
@@ -343,6 +589,8 @@ class FlyWorkerPlugin:
         cond = self.cond
         queue = self.queue
         pid = os.getpid()
+        # pytest's own loop calls the hook this way (item.ihook looks up conftests per test).
+        protocol = session.config.hook.pytest_runtest_protocol
         while True:
             with cond:
                 # A test starts only when the test after it is known (or known not to exist),
@@ -361,9 +609,9 @@ class FlyWorkerPlugin:
             if self.stack_for is not None and self.stack_for is not item:
                 self.fixup_for = item
             self.current = (lease, index)
-            channel.send({"type": "start", "lease": lease, "index": index, "at": time.time()})
+            channel.send(None, (START % (lease, index, time.time())).encode())
             channel.flush()
-            item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            protocol(item=item, nextitem=nextitem)
             if os.getpid() != pid:
                 # A test forked and its child came back here: it must not act as the worker.
                 os._exit(0)
@@ -374,7 +622,7 @@ class FlyWorkerPlugin:
                 self.stack_for = None
             else:
                 self.stack_for = nextitem
-            channel.send({"type": "finished", "lease": lease, "index": index})
+            channel.send(None, (FINISHED % (lease, index)).encode())
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item):
@@ -402,7 +650,31 @@ class FlyWorkerPlugin:
             return
         lease, index = current
         status = self.config.hook.pytest_report_teststatus(report=report, config=self.config)
-        category = str(status[0]) if status else ""
+        category = status[0] if status else ""
+        if self.stats is not None:
+            self.stats.setdefault(category, []).append(report)
+        phase = report.when
+        outcome = report.outcome
+        if (
+            report.longrepr is None
+            and not report.sections
+            and type(category) is str
+            and category in PLAIN_WORDS
+            and outcome in PLAIN_WORDS
+            and phase in PHASES
+            and not hasattr(report, "wasxfail")
+        ):
+            duration = float(report.duration)
+            stop = float(getattr(report, "stop", 0) or time.time())
+            start = float(getattr(report, "start", 0) or stop - duration)
+            # x - x is 0.0 only for finite numbers, which JSON can carry.
+            if duration - duration == 0.0 and start - start == 0.0 and stop - stop == 0.0:
+                data = PLAIN_REPORT % (lease, index, phase, outcome, category, duration, start, stop)
+                self.channel.send(None, data.encode())
+                return
+        self._send_report(report, lease, index, str(category))
+
+    def _send_report(self, report, lease, index, category):
         try:
             longrepr = _longrepr_text(report)
         except Exception:
@@ -440,33 +712,30 @@ class FlyWorkerPlugin:
 def main():
     try:
         path = os.environ["FLY_WORKER_SOCKET"]
-        worker = int(os.environ["FLY_WORKER_ID"])
         token = os.environ["FLY_WORKER_TOKEN"]
-    except (KeyError, ValueError):
-        sys.stderr.write("fly_worker.py is started by the fly agent, not by hand\n")
+        forks = os.environ.get("FLY_WORKER_FORK")
+        if forks:
+            fds = [int(fd) for fd in os.environ["FLY_WORKER_OUTPUT"].split(",")]
+            plan = ForkPlan(int(forks), fds)
+            worker = 0
+        else:
+            plan = None
+            worker = int(os.environ["FLY_WORKER_ID"])
+    except (KeyError, ValueError, OSError) as exc:
+        sys.stderr.write("fly_worker.py is started by the fly agent, not by hand (%s)\n" % exc)
         return 3
     try:
         channel = Channel(path)
     except OSError as exc:
         sys.stderr.write("fly worker: cannot connect to the agent at %s: %s\n" % (path, exc))
         return 3
-    channel.send(
-        {
-            "type": "hello",
-            "protocol": PROTOCOL,
-            "worker": worker,
-            "token": token,
-            "pid": os.getpid(),
-            "python": platform.python_version(),
-            "pytest": pytest.__version__,
-        }
-    )
-    channel.flush()
+    _hello(channel, worker, token, forker=plan is not None)
     # pytest names itself after argv[0] in its usage messages; say "pytest", as the console
     # script would, not this file's name.
     sys.argv[0] = "pytest"
-    plugin = FlyWorkerPlugin(channel)
-    plugin.start_reader()
+    plugin = FlyWorkerPlugin(channel, token, plan)
+    if plan is None:
+        plugin.start_reader()
     code = 3
     try:
         code = int(pytest.main(sys.argv[1:], plugins=[plugin]))
@@ -474,6 +743,8 @@ def main():
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         traceback.print_exc()
+    # A forked worker speaks on its own connection, made after the fork.
+    channel = plugin.channel
     plugin.exiting = True
     channel.send({"type": "exited", "exit_code": code})
     channel.flush()

@@ -256,6 +256,7 @@ impl Session<'_> {
             workers: self.workers,
             run_id: start.run_id.clone(),
             extra_env: Vec::new(),
+            fork: !start.no_fork,
         };
         match WorkerPool::start(config, tx).await {
             Ok(pool) => Ok(Some(ActiveRun {

@@ -1,16 +1,47 @@
 //! The agent's pool of persistent pytest workers: starts them, hands them tests, and turns what
 //! they say (and how they die) into `PoolEvent`s for the agent's connection to the coordinator.
 //!
-//! Each worker is `python -u fly_worker.py <pytest args>` (the script is embedded in the agent)
-//! in its own process group, talking to the pool over a Unix socket in a private temp dir, so
-//! the tests keep stdout, stderr and stdin to themselves. One supervisor task per worker
-//! watches its socket, its process and its output; a central task merges their collections and
-//! forwards events in order.
+//! Each worker runs `fly_worker.py` (embedded in the agent) in its own process group, talking
+//! to the pool over a Unix socket in a private temp dir, so the tests keep stdout, stderr and
+//! stdin to themselves. One supervisor task per worker watches its socket, its process and its
+//! output; a central task merges collections and forwards events in order.
+//!
+//! # Two ways to start the workers
+//!
+//! Spawned (`fork: false`): every worker is its own `python -u fly_worker.py <pytest args>`,
+//! all started at once. Each imports pytest and the suite and collects by itself, so start-up
+//! costs a collection per worker (the CPU time of N collections), and the pool checks that
+//! all workers collected the same tests.
+//!
+//! Forked (`fork: true`, the default of the agent): start-up must not grow with the number of
+//! workers, so one Python process, the fork server, imports and collects once, reports that
+//! collection, and only then forks the N workers (sharing the collected items copy-on-write).
+//! Nothing runs before the fork but configuration and collection: session fixtures are set up
+//! by each worker after it. Each forked worker moves into its own process group, points every
+//! descriptor of the fork server's stdout/stderr at its own pair of pipes (the pool creates
+//! them and passes their write ends to the fork server, so each worker's output is its own),
+//! restarts pytest's output capturing (whose temporary files it would otherwise share with its
+//! siblings), sets `PYTEST_XDIST_WORKER=gwN`, connects to the socket with its own worker id and
+//! runs exactly the loop a spawned worker runs. Its pytest session state is its own from the
+//! fork on.
+//!
+//! The agent cannot wait for a forked worker: it is the fork server's child, not the agent's.
+//! So the fork server stays alive as a small supervisor: it reports each fork (the worker's pid,
+//! which is also its process group, so the pool can kill it), waits for its children and
+//! reports each raw wait status over its own connection; the worker's supervisor turns that
+//! into the same exit code or signal a spawned worker's end gives. If the fork server itself
+//! dies first, the workers it had forked are killed (nobody could report their ends), and the
+//! workers it never forked end with its exit status and output: that is how a usage error or a
+//! failed collection reaches the user, once. If the agent goes away, the fork server sees its
+//! connection close and kills its workers. Killing the pool kills every worker's group and the
+//! fork server's group.
 
+mod forker;
 pub mod frame;
 mod supervisor;
 mod tail;
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -19,6 +50,7 @@ use std::time::Duration;
 
 use fly_common::proto::CollectedTest;
 use sha2::{Digest, Sha256};
+use tokio::net::unix::pipe;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -27,8 +59,10 @@ use tracing::{debug, warn};
 
 pub use frame::{decode_frame, FrameError, WorkerMessage};
 
+use forker::{Forked, Forker};
 use frame::{read_frame, PROTOCOL_VERSION};
-use supervisor::{Command, Supervisor};
+use supervisor::{Command, Process, Supervisor};
+use tail::Output;
 
 /// The worker script, shipped inside the agent binary.
 const WORKER_SCRIPT: &str = include_str!("../python/fly_worker.py");
@@ -49,6 +83,9 @@ pub struct PoolConfig {
     pub workers: u32,
     pub run_id: String,
     pub extra_env: Vec<(String, String)>,
+    /// Collect once in one process and fork the workers from it (see the module docs); else
+    /// start every worker as its own Python process.
+    pub fork: bool,
 }
 
 /// What happens in the pool, in order per worker.
@@ -123,6 +160,15 @@ pub enum WorkerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the workers' fork server with {python} in {workdir}: {source}")]
+    SpawnForkServer {
+        python: PathBuf,
+        workdir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the output pipes of the forked workers: {0}")]
+    Pipe(#[source] std::io::Error),
     #[error("there is no worker {worker}: the pool has {workers}")]
     NoSuchWorker { worker: u32, workers: u32 },
     #[error("worker {0} has exited")]
@@ -136,8 +182,11 @@ pub enum WorkerError {
 /// What a supervisor tells the central task.
 pub(crate) enum Internal {
     Event(PoolEvent),
+    /// Events that arrived together from one worker, in order.
+    Events(Vec<PoolEvent>),
+    /// A worker's collection; `worker` None: the fork server's, shared by every worker.
     Collected {
-        worker: u32,
+        worker: Option<u32>,
         tests: Vec<CollectedTest>,
         deselected: u32,
     },
@@ -151,23 +200,31 @@ pub(crate) enum Internal {
     },
 }
 
-/// The part of a worker that both its supervisor and the pool's kill paths touch.
+/// The part of a process that both its supervisor and the pool's kill paths touch.
 #[derive(Debug)]
 pub(crate) struct Group {
-    /// The process group id while the worker may be alive; None once it was reaped.
+    /// The process group id while the process may be alive; None before a forked worker's pid
+    /// is known and once the process was reaped.
     pgid: Option<i32>,
-    /// Why the pool killed the group, if it did.
+    /// Why the pool killed the group (or will, as soon as its pgid is known), if it did.
     kill_reason: Option<String>,
+    /// The process ended: nothing is signalled any more.
+    ended: bool,
 }
 
-/// SIGKILLs the worker's whole process group (pytest and anything its tests started).
-pub(crate) fn kill_group(group: &Mutex<Group>, reason: &str) {
-    let Ok(mut group) = group.lock() else { return };
+impl Group {
+    fn new(pgid: Option<i32>) -> Arc<Mutex<Group>> {
+        Arc::new(Mutex::new(Group {
+            pgid,
+            kill_reason: None,
+            ended: false,
+        }))
+    }
+}
+
+fn signal_group(pgid: Option<i32>) {
     // A pgid of 0 or 1 would mean our own group or init: never signal those.
-    if let Some(pgid) = group.pgid.filter(|pgid| *pgid > 1) {
-        if group.kill_reason.is_none() {
-            group.kill_reason = Some(reason.to_string());
-        }
+    if let Some(pgid) = pgid.filter(|pgid| *pgid > 1) {
         // SAFETY: killpg only sends a signal; a group that is already gone gives ESRCH.
         unsafe {
             libc::killpg(pgid, libc::SIGKILL);
@@ -175,7 +232,51 @@ pub(crate) fn kill_group(group: &Mutex<Group>, reason: &str) {
     }
 }
 
+fn lock(group: &Mutex<Group>) -> std::sync::MutexGuard<'_, Group> {
+    group.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// SIGKILLs the process's whole group (pytest and anything its tests started). A forked
+/// worker whose pid is not known yet is killed as soon as it is.
+pub(crate) fn kill_group(group: &Mutex<Group>, reason: &str) {
+    let mut group = lock(group);
+    if group.ended {
+        return;
+    }
+    if group.kill_reason.is_none() {
+        group.kill_reason = Some(reason.to_string());
+    }
+    signal_group(group.pgid);
+}
+
+/// Records a forked worker's process group.
+pub(crate) fn set_group(group: &Mutex<Group>, pgid: i32) {
+    let mut group = lock(group);
+    if group.ended {
+        return;
+    }
+    group.pgid = Some(pgid);
+    if group.kill_reason.is_some() {
+        signal_group(group.pgid);
+    }
+}
+
+/// The process ended: kills what is left of its group (processes its tests left behind may
+/// hold pipes open) and returns why the pool killed it, if it did.
+pub(crate) fn end_group(group: &Mutex<Group>) -> Option<String> {
+    let mut group = lock(group);
+    group.ended = true;
+    signal_group(group.pgid.take());
+    group.kill_reason.clone()
+}
+
 type Slot = Mutex<Option<oneshot::Sender<Result<UnixStream, String>>>>;
+
+/// Where the acceptor hands each connection, by the hello's worker id (or fork server flag).
+struct Slots {
+    workers: Vec<Slot>,
+    forker: Option<Slot>,
+}
 
 struct WorkerHandle {
     commands: mpsc::UnboundedSender<Command>,
@@ -187,6 +288,8 @@ pub struct WorkerPool {
     workers: Vec<WorkerHandle>,
     total: Arc<OnceLock<u32>>,
     supervisors: Vec<JoinHandle<()>>,
+    /// The fork server's group and its watcher, when the workers are forked.
+    forker: Option<(Arc<Mutex<Group>>, JoinHandle<()>)>,
     central: Option<JoinHandle<()>>,
     acceptor: JoinHandle<()>,
     // Holds the script and the socket; removed when the pool goes.
@@ -194,8 +297,9 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Writes the embedded script, binds the socket, spawns all workers at once, and returns;
-    /// events arrive on `events`. WantWork events are held back until Collected has been sent.
+    /// Writes the embedded script, binds the socket, starts the workers (all at once, or the
+    /// fork server that forks them), and returns; events arrive on `events`. WantWork events
+    /// are held back until Collected has been sent.
     pub async fn start(
         config: PoolConfig,
         events: mpsc::Sender<PoolEvent>,
@@ -218,51 +322,29 @@ impl WorkerPool {
             path: socket.clone(),
             source,
         })?;
-        let token = uuid::Uuid::new_v4().simple().to_string();
+        let launch = Launch {
+            config: &config,
+            script: &script,
+            socket: &socket,
+            token: uuid::Uuid::new_v4().simple().to_string(),
+        };
 
         let (internal_tx, internal_rx) = mpsc::channel(256);
-        let mut slots = Vec::new();
-        let mut workers: Vec<WorkerHandle> = Vec::new();
-        let mut supervisors = Vec::new();
-        for id in 0..config.workers {
-            let spawned = spawn_worker(&config, id, &script, &socket, &token);
-            let mut child = match spawned {
-                Ok(child) => child,
-                Err(source) => {
-                    for handle in &workers {
-                        kill_group(&handle.group, "another worker failed to start");
-                    }
-                    return Err(WorkerError::Spawn {
-                        worker: id,
-                        python: config.python.clone(),
-                        workdir: config.workdir.clone(),
-                        source,
-                    });
-                }
-            };
-            let group = Arc::new(Mutex::new(Group {
-                pgid: child.id().map(|pid| pid as i32),
-                kill_reason: None,
-            }));
-            let (conn_tx, conn_rx) = oneshot::channel();
-            let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-            slots.push(Mutex::new(Some(conn_tx)));
-            let supervisor = Supervisor::new(id, &mut child, group.clone(), internal_tx.clone());
-            supervisors.push(tokio::spawn(supervisor.run(child, conn_rx, cmd_rx)));
-            workers.push(WorkerHandle {
-                commands: cmd_tx,
-                group,
-            });
-        }
+        let started = if config.fork {
+            launch.forked(&internal_tx).await?
+        } else {
+            launch.spawned(&internal_tx)?
+        };
         drop(internal_tx);
 
         let total = Arc::new(OnceLock::new());
         let central = tokio::spawn(central(config.workers, internal_rx, events, total.clone()));
-        let acceptor = tokio::spawn(accept(listener, token, Arc::new(slots)));
+        let acceptor = tokio::spawn(accept(listener, launch.token, Arc::new(started.slots)));
         Ok(WorkerPool {
-            workers,
+            workers: started.workers,
             total,
-            supervisors,
+            supervisors: started.supervisors,
+            forker: started.forker,
             central: Some(central),
             acceptor,
             _dir: dir,
@@ -296,29 +378,50 @@ impl WorkerPool {
         self.send(worker, handle, Command::Revoke(leases))
     }
 
-    /// Asks every worker to finish, waits up to `grace`, then SIGKILLs their process groups.
-    /// Keep receiving events meanwhile: the workers' last reports and exits are sent.
+    /// Asks every worker to finish, waits up to `grace`, then SIGKILLs their process groups
+    /// (and the fork server's). Keep receiving events meanwhile: the workers' last reports and
+    /// exits are sent.
     pub async fn shutdown(mut self, grace: Duration) {
         for handle in &self.workers {
             let _ = handle.commands.send(Command::Shutdown);
         }
         let deadline = Instant::now() + grace;
-        let mut supervisors = std::mem::take(&mut self.supervisors);
         let mut running = Vec::new();
-        for mut task in supervisors.drain(..) {
+        for mut task in std::mem::take(&mut self.supervisors) {
             if timeout_at(deadline, &mut task).await.is_err() {
                 running.push(task);
             }
         }
+        let mut forker = self.forker.take();
+        if let Some((_, task)) = forker.as_mut() {
+            // The fork server leaves once it has reported all its workers' ends.
+            if timeout_at(deadline, task).await.is_ok() {
+                forker = None;
+            }
+        }
+        const TOO_SLOW: &str = "it did not finish within the shutdown grace period";
         for handle in &self.workers {
-            kill_group(
-                &handle.group,
-                "it did not finish within the shutdown grace period",
-            );
+            kill_group(&handle.group, TOO_SLOW);
+        }
+        // Only the fork server can report how a forked worker ended: it is stopped after its
+        // workers, unless some were never forked (they end only when it does).
+        let all_forked = self.workers.iter().all(|handle| {
+            let group = lock(&handle.group);
+            group.pgid.is_some() || group.ended
+        });
+        if let Some((group, _)) = forker.as_ref().filter(|_| !all_forked) {
+            kill_group(group, TOO_SLOW);
         }
         for mut task in running {
             if timeout(AFTER_KILL_WAIT, &mut task).await.is_err() {
                 warn!("a worker supervisor did not finish after its worker was killed");
+                task.abort();
+            }
+        }
+        if let Some((group, mut task)) = forker {
+            kill_group(&group, TOO_SLOW);
+            if timeout(AFTER_KILL_WAIT, &mut task).await.is_err() {
+                warn!("the fork server's watcher did not finish after it was killed");
                 task.abort();
             }
         }
@@ -356,6 +459,10 @@ impl Drop for WorkerPool {
         for handle in &self.workers {
             kill_group(&handle.group, "the worker pool was dropped");
         }
+        if let Some((group, task)) = &self.forker {
+            kill_group(group, "the worker pool was dropped");
+            task.abort();
+        }
         self.acceptor.abort();
         for task in &self.supervisors {
             task.abort();
@@ -366,40 +473,187 @@ impl Drop for WorkerPool {
     }
 }
 
-fn spawn_worker(
-    config: &PoolConfig,
-    id: u32,
-    script: &Path,
-    socket: &Path,
-    token: &str,
-) -> std::io::Result<tokio::process::Child> {
-    let mut command = tokio::process::Command::new(&config.python);
-    command
-        .arg("-u")
-        .arg(script)
-        .args(&config.pytest_args)
-        .current_dir(&config.workdir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    // The suite's own variables first: the protocol's must not be overridden.
-    for (key, value) in &config.extra_env {
-        command.env(key, value);
+/// Everything needed to start the pool's Python processes.
+struct Launch<'a> {
+    config: &'a PoolConfig,
+    script: &'a Path,
+    socket: &'a Path,
+    token: String,
+}
+
+/// The started processes, their supervisors, and where their connections go.
+struct Started {
+    workers: Vec<WorkerHandle>,
+    supervisors: Vec<JoinHandle<()>>,
+    forker: Option<(Arc<Mutex<Group>>, JoinHandle<()>)>,
+    slots: Slots,
+}
+
+impl Launch<'_> {
+    /// `python -u fly_worker.py <pytest args>` in the workdir, in its own process group, with
+    /// the protocol's environment on top of the suite's.
+    fn command(&self) -> tokio::process::Command {
+        let config = self.config;
+        let mut command = tokio::process::Command::new(&config.python);
+        command
+            .arg("-u")
+            .arg(self.script)
+            .args(&config.pytest_args)
+            .current_dir(&config.workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        // The suite's own variables first: the protocol's must not be overridden.
+        for (key, value) in &config.extra_env {
+            command.env(key, value);
+        }
+        command
+            .env_remove("FLY_WORKER_ID")
+            .env_remove("FLY_WORKER_FORK")
+            .env_remove("FLY_WORKER_OUTPUT")
+            .env("FLY_WORKER_SOCKET", self.socket)
+            .env("FLY_WORKER_TOKEN", &self.token)
+            .env("FLY_RUN_ID", &config.run_id)
+            .env("PYTEST_XDIST_WORKER_COUNT", config.workers.to_string());
+        command
     }
-    command
-        .env("FLY_WORKER_SOCKET", socket)
-        .env("FLY_WORKER_ID", id.to_string())
-        .env("FLY_WORKER_TOKEN", token)
-        .env("FLY_RUN_ID", &config.run_id)
-        .env("PYTEST_XDIST_WORKER", format!("gw{id}"))
-        .env("PYTEST_XDIST_WORKER_COUNT", config.workers.to_string());
-    command.spawn()
+
+    /// Starts every worker as its own process.
+    fn spawned(&self, internal: &mpsc::Sender<Internal>) -> Result<Started, WorkerError> {
+        let config = self.config;
+        let mut started = Started {
+            workers: Vec::new(),
+            supervisors: Vec::new(),
+            forker: None,
+            slots: Slots {
+                workers: Vec::new(),
+                forker: None,
+            },
+        };
+        for id in 0..config.workers {
+            let mut command = self.command();
+            command
+                .env("FLY_WORKER_ID", id.to_string())
+                .env("PYTEST_XDIST_WORKER", format!("gw{id}"));
+            let mut child = match command.spawn() {
+                Ok(child) => child,
+                Err(source) => {
+                    for handle in &started.workers {
+                        kill_group(&handle.group, "another worker failed to start");
+                    }
+                    return Err(WorkerError::Spawn {
+                        worker: id,
+                        python: config.python.clone(),
+                        workdir: config.workdir.clone(),
+                        source,
+                    });
+                }
+            };
+            let group = Group::new(child.id().map(|pid| pid as i32));
+            let output = Output::drain(child.stdout.take(), child.stderr.take());
+            let (conn_tx, conn_rx) = oneshot::channel();
+            let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+            started.slots.workers.push(Mutex::new(Some(conn_tx)));
+            let supervisor = Supervisor::new(id, output, true, group.clone(), internal.clone());
+            let process = Process::Spawned(child);
+            started
+                .supervisors
+                .push(tokio::spawn(supervisor.run(process, conn_rx, cmd_rx)));
+            started.workers.push(WorkerHandle {
+                commands: cmd_tx,
+                group,
+            });
+        }
+        Ok(started)
+    }
+
+    /// Starts the fork server, which collects once and forks the workers.
+    async fn forked(&self, internal: &mpsc::Sender<Internal>) -> Result<Started, WorkerError> {
+        let config = self.config;
+        // A stdout and a stderr pipe per worker: the read ends stay here, the write ends go to
+        // the fork server, which hands each pair to its worker after the fork.
+        let mut readers = Vec::new();
+        let mut writers = Vec::new();
+        for _ in 0..2 * config.workers {
+            let (reader, writer) = std::io::pipe().map_err(WorkerError::Pipe)?;
+            let reader =
+                pipe::Receiver::from_owned_fd(OwnedFd::from(reader)).map_err(WorkerError::Pipe)?;
+            readers.push(reader);
+            writers.push(writer);
+        }
+        let fds: Vec<RawFd> = writers.iter().map(|w| w.as_raw_fd()).collect();
+        let listed: Vec<String> = fds.iter().map(|fd| fd.to_string()).collect();
+        let mut command = self.command();
+        command
+            .env("FLY_WORKER_FORK", config.workers.to_string())
+            .env("FLY_WORKER_OUTPUT", listed.join(","))
+            // The collection happens once, as worker 0 would do it.
+            .env("PYTEST_XDIST_WORKER", "gw0");
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed: it only calls fcntl (no allocation, no locks) to
+        // let the write ends (created close-on-exec) survive the exec.
+        unsafe {
+            command.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let spawned = command.spawn();
+        // The fork server holds the write ends now; ours would keep the pipes from ending.
+        drop(writers);
+        let mut child = spawned.map_err(|source| WorkerError::SpawnForkServer {
+            python: config.python.clone(),
+            workdir: config.workdir.clone(),
+            source,
+        })?;
+
+        let mut started = Started {
+            workers: Vec::new(),
+            supervisors: Vec::new(),
+            forker: None,
+            slots: Slots {
+                workers: Vec::new(),
+                forker: None,
+            },
+        };
+        let mut forked = Vec::new();
+        let mut readers = readers.into_iter();
+        for id in 0..config.workers {
+            let output = Output::drain(readers.next(), readers.next());
+            let group = Group::new(None);
+            let (end_tx, end_rx) = oneshot::channel();
+            let (conn_tx, conn_rx) = oneshot::channel();
+            let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+            started.slots.workers.push(Mutex::new(Some(conn_tx)));
+            let supervisor = Supervisor::new(id, output, false, group.clone(), internal.clone());
+            let process = Process::Forked(end_rx);
+            started
+                .supervisors
+                .push(tokio::spawn(supervisor.run(process, conn_rx, cmd_rx)));
+            forked.push(Forked::new(group.clone(), end_tx));
+            started.workers.push(WorkerHandle {
+                commands: cmd_tx,
+                group,
+            });
+        }
+        let group = Group::new(child.id().map(|pid| pid as i32));
+        let output = Output::drain(child.stdout.take(), child.stderr.take());
+        let (conn_tx, conn_rx) = oneshot::channel();
+        started.slots.forker = Some(Mutex::new(Some(conn_tx)));
+        let forker = Forker::new(output, group.clone(), internal.clone(), forked);
+        started.forker = Some((group, tokio::spawn(forker.run(child, conn_rx))));
+        Ok(started)
+    }
 }
 
 /// Accepts worker connections and hands each, after a valid hello, to its supervisor.
-async fn accept(listener: UnixListener, token: String, slots: Arc<Vec<Slot>>) {
+async fn accept(listener: UnixListener, token: String, slots: Arc<Slots>) {
     let token = Arc::new(token);
     loop {
         match listener.accept().await {
@@ -415,7 +669,7 @@ async fn accept(listener: UnixListener, token: String, slots: Arc<Vec<Slot>>) {
     }
 }
 
-async fn handshake(mut stream: UnixStream, token: Arc<String>, slots: Arc<Vec<Slot>>) {
+async fn handshake(mut stream: UnixStream, token: Arc<String>, slots: Arc<Slots>) {
     // Read the hello unbuffered so no byte of the frames after it is taken from the stream.
     let body = match timeout(HELLO_WAIT, read_frame(&mut stream)).await {
         Ok(Ok(Some(body))) => body,
@@ -428,10 +682,15 @@ async fn handshake(mut stream: UnixStream, token: Arc<String>, slots: Arc<Vec<Sl
         Ok(other) => return warn!("dropping a worker connection that began with {other:?}"),
         Err(error) => return warn!("dropping a worker connection: {error}"),
     };
-    let Some(slot) = slots.get(hello.worker as usize) else {
+    let slot = if hello.forker {
+        slots.forker.as_ref()
+    } else {
+        slots.workers.get(hello.worker as usize)
+    };
+    let Some(slot) = slot else {
         return warn!(
-            "dropping a connection claiming to be worker {}",
-            hello.worker
+            "dropping a connection claiming to be worker {} (fork server: {})",
+            hello.worker, hello.forker
         );
     };
     let verdict = if hello.token != *token {
@@ -444,6 +703,7 @@ async fn handshake(mut stream: UnixStream, token: Arc<String>, slots: Arc<Vec<Sl
     } else {
         debug!(
             worker = hello.worker,
+            forker = hello.forker,
             pid = hello.pid,
             "worker connected: python {}, pytest {}",
             hello.python,
@@ -507,17 +767,12 @@ async fn central(
     let mut held: Vec<PoolEvent> = Vec::new();
     while let Some(message) = internal.recv().await {
         match message {
-            Internal::Event(PoolEvent::WantWork { worker }) => match state {
-                CollectionState::Pending => {
-                    let want = PoolEvent::WantWork { worker };
-                    if !held.contains(&want) {
-                        held.push(want);
-                    }
+            Internal::Event(event) => forward(&mut out, &state, &mut held, event).await,
+            Internal::Events(events) => {
+                for event in events {
+                    forward(&mut out, &state, &mut held, event).await;
                 }
-                CollectionState::Done => out.send(PoolEvent::WantWork { worker }).await,
-                CollectionState::Failed => {}
-            },
-            Internal::Event(event) => out.send(event).await,
+            }
             Internal::Collected {
                 worker,
                 tests,
@@ -526,6 +781,14 @@ async fn central(
                 if !matches!(state, CollectionState::Pending) {
                     continue;
                 }
+                // The fork server's collection is every worker's; it is the only one then.
+                let worker = match worker {
+                    Some(worker) => worker,
+                    None => {
+                        collected.iter_mut().for_each(|seen| *seen = true);
+                        0
+                    }
+                };
                 if let Some(seen) = collected.get_mut(worker as usize) {
                     *seen = true;
                 }
@@ -581,6 +844,25 @@ async fn central(
                 }
             }
         }
+    }
+}
+
+/// Passes a worker's event on; a request for work waits for the collection's verdict.
+async fn forward(
+    out: &mut Outbox,
+    state: &CollectionState,
+    held: &mut Vec<PoolEvent>,
+    event: PoolEvent,
+) {
+    match (event, state) {
+        (PoolEvent::WantWork { worker }, CollectionState::Pending) => {
+            let want = PoolEvent::WantWork { worker };
+            if !held.contains(&want) {
+                held.push(want);
+            }
+        }
+        (PoolEvent::WantWork { .. }, CollectionState::Failed) => {}
+        (event, _) => out.send(event).await,
     }
 }
 

@@ -1,5 +1,6 @@
 //! The worker pool against real pytest: collection, pytest's own verdicts, fixture lifetimes
-//! under the nextitem contract, heavy output, early pytest exits, crashes and clean shutdown.
+//! under the nextitem contract, heavy output, early pytest exits, crashes and clean shutdown,
+//! each with forked workers (`forked::`) and with spawned ones (`spawned::`).
 //!
 //! Python comes from `FLY_TEST_PYTHON`, else the workspace's `.venv`, else `python3`; it needs
 //! pytest installed. Each test copies a project from `tests/fixtures/` into a temp dir.
@@ -117,7 +118,13 @@ impl Record {
     }
 }
 
-async fn start(fixture: &str, args: &[&str], workers: u32, env: &[(&str, &str)]) -> Harness {
+async fn start(
+    fork: bool,
+    fixture: &str,
+    args: &[&str],
+    workers: u32,
+    env: &[(&str, &str)],
+) -> Harness {
     let project = tempfile::Builder::new()
         .prefix("fly-fixture-")
         .tempdir()
@@ -141,6 +148,10 @@ async fn start(fixture: &str, args: &[&str], workers: u32, env: &[(&str, &str)])
             "FLY_PID_FILE".to_string(),
             scratch.path().join("pids").display().to_string(),
         ),
+        (
+            "FLY_PARENT_PID_FILE".to_string(),
+            scratch.path().join("parent").display().to_string(),
+        ),
         ("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string()),
     ];
     extra_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -151,6 +162,7 @@ async fn start(fixture: &str, args: &[&str], workers: u32, env: &[(&str, &str)])
         workers,
         run_id: "test-run".into(),
         extra_env,
+        fork,
     };
     let (tx, rx) = mpsc::channel(10_000);
     let pool = WorkerPool::start(config, tx).await.unwrap();
@@ -252,7 +264,18 @@ impl Harness {
     }
 
     fn pids(&self) -> Vec<i32> {
-        std::fs::read_to_string(self.scratch.path().join("pids"))
+        self.read_pids("pids")
+    }
+
+    /// The parent of the worker that wrote `pids`: the fork server, or this test process.
+    fn parent_pid(&self) -> i32 {
+        let parents = self.read_pids("parent");
+        assert_eq!(parents.len(), 1, "{parents:?}");
+        parents[0]
+    }
+
+    fn read_pids(&self, file: &str) -> Vec<i32> {
+        std::fs::read_to_string(self.scratch.path().join(file))
             .unwrap_or_default()
             .split_whitespace()
             .map(|p| p.parse().unwrap())
@@ -304,9 +327,8 @@ async fn gone(pid: i32) -> bool {
     false
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn collects_with_locations_digest_and_deselection() {
-    let mut h = start("outcomes", &[], 2, &[]).await;
+async fn collects_with_locations_digest_and_deselection(fork: bool) {
+    let mut h = start(fork, "outcomes", &[], 2, &[]).await;
     let (tests, deselected, digest) = h.collected().await;
     let nodeids: Vec<&str> = tests.iter().map(|t| t.nodeid.as_str()).collect();
     assert_eq!(
@@ -324,6 +346,8 @@ async fn collects_with_locations_digest_and_deselection() {
         ]
     );
     assert_eq!(deselected, 0);
+    let groups: Vec<&str> = tests.iter().map(|t| t.group.as_str()).collect();
+    assert_eq!(groups, ["db", "cache_db", "", "", "", "", "", "", ""]);
     let mut hasher = Sha256::new();
     for id in &nodeids {
         hasher.update(format!("{id}\n"));
@@ -359,7 +383,7 @@ async fn collects_with_locations_digest_and_deselection() {
         assert_eq!(exited.signal, 0, "{exited:?}");
     }
 
-    let mut h = start("outcomes", &["-k", "pass"], 1, &[]).await;
+    let mut h = start(fork, "outcomes", &["-k", "pass"], 1, &[]).await;
     let (tests, deselected, _) = h.collected().await;
     let nodeids: Vec<&str> = tests.iter().map(|t| t.nodeid.as_str()).collect();
     assert_eq!(
@@ -373,9 +397,8 @@ async fn collects_with_locations_digest_and_deselection() {
     h.shutdown(Duration::from_secs(30)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runs_tests_with_pytests_own_categories() {
-    let mut h = start("outcomes", &[], 2, &[]).await;
+async fn runs_tests_with_pytests_own_categories(fork: bool) {
+    let mut h = start(fork, "outcomes", &[], 2, &[]).await;
     let (tests, _, _) = h.collected().await;
     let ids = [
         "test_outcomes.py::test_pass",
@@ -488,9 +511,8 @@ async fn runs_tests_with_pytests_own_categories() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn module_fixtures_live_once_per_module_when_tests_come_one_or_two_at_a_time() {
-    let mut h = start("scoped", &[], 1, &[]).await;
+async fn module_fixtures_live_once_per_module_when_tests_come_one_or_two_at_a_time(fork: bool) {
+    let mut h = start(fork, "scoped", &[], 1, &[]).await;
     let (tests, _, _) = h.collected().await;
     let ids: Vec<&str> = tests.iter().map(|t| t.nodeid.as_str()).collect();
     let work = plan(&tests, &ids);
@@ -514,12 +536,11 @@ async fn module_fixtures_live_once_per_module_when_tests_come_one_or_two_at_a_ti
     assert_eq!(h.fixture_log().len(), 6);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoking_unstarted_tests_keeps_fixture_lifetimes_right() {
+async fn revoking_unstarted_tests_keeps_fixture_lifetimes_right(fork: bool) {
     let gate = tempfile::tempdir().unwrap();
     let gate_file = gate.path().join("open");
     let gate_env = gate_file.display().to_string();
-    let mut h = start("scoped", &[], 1, &[("FLY_GATE", &gate_env)]).await;
+    let mut h = start(fork, "scoped", &[], 1, &[("FLY_GATE", &gate_env)]).await;
     let (tests, _, _) = h.collected().await;
     let a1 = index_of(&tests, "test_mod_a.py::test_a1");
     let a2 = index_of(&tests, "test_mod_a.py::test_a2");
@@ -579,9 +600,8 @@ async fn revoking_unstarted_tests_keeps_fixture_lifetimes_right() {
     assert_eq!(h.record.exited[0].unstarted, Vec::<u64>::new());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_megabyte_of_output_arrives_and_the_channel_carries_on() {
-    let mut h = start("output", &[], 1, &[]).await;
+async fn a_megabyte_of_output_arrives_and_the_channel_carries_on(fork: bool) {
+    let mut h = start(fork, "output", &[], 1, &[]).await;
     let (tests, _, _) = h.collected().await;
     let work = plan(
         &tests,
@@ -603,9 +623,8 @@ async fn a_megabyte_of_output_arrives_and_the_channel_carries_on() {
     h.shutdown(Duration::from_secs(30)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tests_printing_and_reading_stdin_under_dash_s_leave_the_channel_alone() {
-    let mut h = start("output", &["-s"], 1, &[]).await;
+async fn tests_printing_and_reading_stdin_under_dash_s_leave_the_channel_alone(fork: bool) {
+    let mut h = start(fork, "output", &["-s"], 1, &[]).await;
     let (tests, _, _) = h.collected().await;
     let ids: Vec<&str> = tests.iter().map(|t| t.nodeid.as_str()).collect();
     h.run(plan(&tests, &ids), &[3]).await;
@@ -617,9 +636,8 @@ async fn tests_printing_and_reading_stdin_under_dash_s_leave_the_channel_alone()
     assert_eq!(h.record.exited[0].exit_code, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_usage_error_fails_the_collection_with_pytests_message() {
-    let mut h = start("outcomes", &["--no-such-option"], 2, &[]).await;
+async fn a_usage_error_fails_the_collection_with_pytests_message(fork: bool) {
+    let mut h = start(fork, "outcomes", &["--no-such-option"], 2, &[]).await;
     let (exit_code, output) = h.collection_failed().await;
     assert_eq!(exit_code, 4);
     assert!(output.contains("usage:"), "{output}");
@@ -633,9 +651,8 @@ async fn a_usage_error_fails_the_collection_with_pytests_message() {
     assert_eq!(h.record.exited.len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_path_is_a_usage_error() {
-    let mut h = start("outcomes", &["no_such_dir/test_x.py"], 1, &[]).await;
+async fn a_missing_path_is_a_usage_error(fork: bool) {
+    let mut h = start(fork, "outcomes", &["no_such_dir/test_x.py"], 1, &[]).await;
     let (exit_code, output) = h.collection_failed().await;
     assert_eq!(exit_code, 4);
     assert!(output.contains("not found"), "{output}");
@@ -643,9 +660,8 @@ async fn a_missing_path_is_a_usage_error() {
     h.shutdown(Duration::from_secs(30)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn collection_errors_stop_the_run_with_pytests_report() {
-    let mut h = start("broken", &[], 2, &[]).await;
+async fn collection_errors_stop_the_run_with_pytests_report(fork: bool) {
+    let mut h = start(fork, "broken", &[], 2, &[]).await;
     let (exit_code, output) = h.collection_failed().await;
     assert_eq!(exit_code, 2);
     assert!(output.contains("no_such_module_for_fly"), "{output}");
@@ -654,9 +670,8 @@ async fn collection_errors_stop_the_run_with_pytests_report() {
     assert!(h.record.started.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_dying_before_collecting_fails_the_collection() {
-    let mut h = start("dies_early", &[], 2, &[]).await;
+async fn a_worker_dying_before_collecting_fails_the_collection(fork: bool) {
+    let mut h = start(fork, "dies_early", &[], 2, &[]).await;
     let (exit_code, output) = h.collection_failed().await;
     assert_eq!(exit_code, 7);
     assert!(output.contains("conftest is dying"), "{output}");
@@ -665,8 +680,8 @@ async fn a_worker_dying_before_collecting_fails_the_collection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workers_collecting_different_tests_are_refused() {
-    let mut h = start("disagree", &[], 2, &[]).await;
+async fn spawned_workers_collecting_different_tests_are_refused() {
+    let mut h = start(false, "disagree", &[], 2, &[]).await;
     let (exit_code, output) = h.collection_failed().await;
     assert_eq!(exit_code, 2);
     assert!(output.contains("collected different tests"), "{output}");
@@ -674,9 +689,108 @@ async fn workers_collecting_different_tests_are_refused() {
     h.shutdown(Duration::from_secs(30)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forked_workers_share_one_collection_made_as_worker_0() {
+    let mut h = start(true, "disagree", &[], 2, &[]).await;
+    let (tests, _, _) = h.collected().await;
+    let nodeids: Vec<&str> = tests.iter().map(|t| t.nodeid.as_str()).collect();
+    assert_eq!(nodeids, ["test_d.py::test_d[gw0]"]);
+    let work = plan(&tests, &["test_d.py::test_d[gw0]"]);
+    h.run(work, &[1]).await;
+    assert_eq!(h.record.report(1, Phase::Call).outcome, "passed");
+    h.shutdown(Duration::from_secs(30)).await;
+}
+
+async fn each_worker_has_its_own_environment_session_and_output(fork: bool) {
+    let mut h = start(fork, "isolated", &[], 2, &[]).await;
+    let (tests, _, _) = h.collected().await;
+    let ids: Vec<&str> = tests.iter().map(|t| t.nodeid.as_str()).collect();
+    h.run(plan(&tests, &ids), &[1]).await;
+    h.shutdown(Duration::from_secs(30)).await;
+    let r = &h.record;
+    assert!(r.started.iter().any(|(w, _)| *w == 0));
+    assert!(r.started.iter().any(|(w, _)| *w == 1));
+    for (worker, lease) in &r.started {
+        let n = lease - 1;
+        let expected: String = (0..40)
+            .map(|line| format!("test {n} line {line} on gw{worker}\n"))
+            .collect();
+        let call = r.report(*lease, Phase::Call);
+        let stdout: Vec<&str> = call
+            .sections
+            .iter()
+            .filter(|s| s.name == "Captured stdout call")
+            .map(|s| s.text.as_str())
+            .collect();
+        assert_eq!(
+            stdout,
+            [expected.as_str()],
+            "lease {lease} on worker {worker}"
+        );
+    }
+
+    let log = h.fixture_log();
+    // "... by PID as gwN"
+    let pid_of = |line: &str| -> i32 {
+        let words: Vec<&str> = line.split(' ').collect();
+        let by = words.iter().position(|w| *w == "by").unwrap();
+        words[by + 1].parse().unwrap()
+    };
+    let imports: Vec<&String> = log.iter().filter(|l| l.starts_with("conftest")).collect();
+    let mut sessions: Vec<&String> = log.iter().filter(|l| l.contains("set up")).collect();
+    sessions.sort_by_key(|l| l.ends_with("gw1"));
+    assert_eq!(sessions.len(), 2, "{log:#?}");
+    assert!(sessions[0].ends_with("as gw0") && sessions[1].ends_with("as gw1"));
+    assert_ne!(pid_of(sessions[0]), pid_of(sessions[1]));
+    assert_eq!(log.iter().filter(|l| l.contains("torn down")).count(), 2);
+    if fork {
+        // One collection, in the fork server, before the fork; session fixtures after it.
+        assert_eq!(imports.len(), 1, "{log:#?}");
+        assert!(imports[0].ends_with("as gw0"));
+        assert!(sessions.iter().all(|s| pid_of(s) != pid_of(imports[0])));
+    } else {
+        assert_eq!(imports.len(), 2, "{log:#?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_server_killed_midway_takes_its_workers_down() {
+    let mut h = start(true, "crash", &[], 1, &[]).await;
+    let (tests, _, _) = h.collected().await;
+    let work = plan(&tests, &["test_crash.py::test_hangs"]);
+    h.wait_for("a want", |e| matches!(e, PoolEvent::WantWork { .. }))
+        .await;
+    h.pool().assign(0, work).unwrap();
+    h.pool().no_more(0).unwrap();
+    h.wait_for("the start", |e| matches!(e, PoolEvent::Started { .. }))
+        .await;
+    let mut pids = Vec::new();
+    for _ in 0..500 {
+        pids = h.pids();
+        if !pids.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fork_server = h.parent_pid();
+    unsafe {
+        libc::kill(fork_server, libc::SIGKILL);
+    }
+    h.wait_for("the worker's exit", |e| {
+        matches!(e, PoolEvent::Exited { .. })
+    })
+    .await;
+    let call = h.record.report(1, Phase::Call);
+    assert_eq!(call.outcome, "failed");
+    assert!(call.longrepr.contains("fork server"), "{}", call.longrepr);
+    assert!(h.record.exited[0].reason.contains("fork server"));
+    assert!(gone(pids[0]).await, "the worker outlived its fork server");
+    h.shutdown(Duration::from_secs(5)).await;
+}
+
 /// Runs `crasher` then two fine tests on one worker, all handed over at once.
-async fn crash_run(crasher: &str) -> Harness {
-    let mut h = start("crash", &[], 1, &[]).await;
+async fn crash_run(fork: bool, crasher: &str) -> Harness {
+    let mut h = start(fork, "crash", &[], 1, &[]).await;
     let (tests, _, _) = h.collected().await;
     let work = plan(
         &tests,
@@ -708,9 +822,8 @@ fn assert_crash_reported(r: &Record, lease: u64, expect: &str) {
     assert_eq!(r.exited[0].unstarted, [2, 3]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn os_exit_in_a_test_is_reported_as_a_crash() {
-    let mut h = crash_run("test_exits").await;
+async fn os_exit_in_a_test_is_reported_as_a_crash(fork: bool) {
+    let mut h = crash_run(fork, "test_exits").await;
     assert_crash_reported(
         &h.record,
         1,
@@ -721,9 +834,8 @@ async fn os_exit_in_a_test_is_reported_as_a_crash() {
     h.shutdown(Duration::from_secs(5)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_segfault_in_a_test_is_reported_as_a_crash() {
-    let mut h = crash_run("test_segfaults").await;
+async fn a_segfault_in_a_test_is_reported_as_a_crash(fork: bool) {
+    let mut h = crash_run(fork, "test_segfaults").await;
     assert_crash_reported(
         &h.record,
         1,
@@ -742,9 +854,8 @@ async fn a_segfault_in_a_test_is_reported_as_a_crash() {
     h.shutdown(Duration::from_secs(5)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_about_a_lease_never_given_stops_the_worker() {
-    let mut h = crash_run("test_reports_a_lease_it_was_not_given").await;
+async fn a_message_about_a_lease_never_given_stops_the_worker(fork: bool) {
+    let mut h = crash_run(fork, "test_reports_a_lease_it_was_not_given").await;
     assert_crash_reported(&h.record, 1, "lease 999999");
     assert!(h
         .record
@@ -755,27 +866,28 @@ async fn a_message_about_a_lease_never_given_stops_the_worker() {
     h.shutdown(Duration::from_secs(5)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_on_the_channel_stops_the_worker() {
-    let mut h = crash_run("test_sends_garbage").await;
+async fn garbage_on_the_channel_stops_the_worker(fork: bool) {
+    let mut h = crash_run(fork, "test_sends_garbage").await;
     assert_crash_reported(&h.record, 1, "unreadable message");
     assert_eq!(h.record.exited[0].signal, libc::SIGKILL);
     h.shutdown(Duration::from_secs(5)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_leaves_no_process_behind() {
-    let mut h = start("crash", &[], 1, &[]).await;
+async fn shutdown_leaves_no_process_behind(fork: bool) {
+    let mut h = start(fork, "crash", &[], 1, &[]).await;
     let (tests, _, _) = h.collected().await;
     let work = plan(&tests, &["test_crash.py::test_leaves_a_process_behind"]);
     h.run(work, &[1]).await;
     assert_eq!(h.record.report(1, Phase::Call).outcome, "passed");
-    let pids = h.pids();
+    let mut pids = h.pids();
     assert_eq!(pids.len(), 2);
     assert!(
         alive(pids[1]),
         "the test's child should still run before shutdown"
     );
+    if fork {
+        pids.push(h.parent_pid());
+    }
     h.shutdown(Duration::from_secs(30)).await;
     assert_eq!(h.record.exited.len(), 1);
     assert_eq!(h.record.exited[0].exit_code, 0, "{:?}", h.record.exited[0]);
@@ -785,9 +897,8 @@ async fn shutdown_leaves_no_process_behind() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_kills_a_test_that_does_not_finish_in_time() {
-    let mut h = start("crash", &[], 1, &[]).await;
+async fn shutdown_kills_a_test_that_does_not_finish_in_time(fork: bool) {
+    let mut h = start(fork, "crash", &[], 1, &[]).await;
     let (tests, _, _) = h.collected().await;
     let work = plan(&tests, &["test_crash.py::test_hangs"]);
     h.wait_for("a want", |e| matches!(e, PoolEvent::WantWork { .. }))
@@ -810,9 +921,8 @@ async fn shutdown_kills_a_test_that_does_not_finish_in_time() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropping_the_pool_kills_its_workers() {
-    let mut h = start("crash", &[], 1, &[]).await;
+async fn dropping_the_pool_kills_its_workers(fork: bool) {
+    let mut h = start(fork, "crash", &[], 1, &[]).await;
     let (tests, _, _) = h.collected().await;
     let work = plan(&tests, &["test_crash.py::test_hangs"]);
     h.wait_for("a want", |e| matches!(e, PoolEvent::WantWork { .. }))
@@ -830,13 +940,16 @@ async fn dropping_the_pool_kills_its_workers() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(pids.len(), 1);
+    let fork_server = h.parent_pid();
     drop(h.pool.take());
     assert!(gone(pids[0]).await, "the worker survived the pool");
+    if fork {
+        assert!(gone(fork_server).await, "the fork server survived the pool");
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pool_refuses_work_it_cannot_place() {
-    let mut h = start("outcomes", &[], 1, &[]).await;
+async fn the_pool_refuses_work_it_cannot_place(fork: bool) {
+    let mut h = start(fork, "outcomes", &[], 1, &[]).await;
     assert!(matches!(
         h.pool().assign(0, vec![(1, 0)]),
         Err(WorkerError::NotCollected)
@@ -855,26 +968,31 @@ async fn the_pool_refuses_work_it_cannot_place() {
         Err(WorkerError::BadTestIndex { .. })
     ));
     h.shutdown(Duration::from_secs(30)).await;
-    assert!(matches!(
-        WorkerPool::start(
-            PoolConfig {
-                python: PathBuf::from("no-such-python-for-fly"),
-                workdir: h.project.path().to_path_buf(),
-                pytest_args: Vec::new(),
-                workers: 1,
-                run_id: "r".into(),
-                extra_env: Vec::new(),
-            },
-            mpsc::channel(1).0,
-        )
-        .await,
-        Err(WorkerError::Spawn { .. })
-    ));
+    let no_python = WorkerPool::start(
+        PoolConfig {
+            python: PathBuf::from("no-such-python-for-fly"),
+            workdir: h.project.path().to_path_buf(),
+            pytest_args: Vec::new(),
+            workers: 1,
+            run_id: "r".into(),
+            extra_env: Vec::new(),
+            fork,
+        },
+        mpsc::channel(1).0,
+    )
+    .await;
+    if fork {
+        assert!(matches!(
+            no_python,
+            Err(WorkerError::SpawnForkServer { .. })
+        ));
+    } else {
+        assert!(matches!(no_python, Err(WorkerError::Spawn { .. })));
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn collect_only_reports_the_collection_and_ends() {
-    let mut h = start("outcomes", &["--collect-only", "-q"], 2, &[]).await;
+async fn collect_only_reports_the_collection_and_ends(fork: bool) {
+    let mut h = start(fork, "outcomes", &["--collect-only", "-q"], 2, &[]).await;
     let (tests, _, _) = h.collected().await;
     assert_eq!(tests.len(), 9);
     // Nothing runs: both workers end on their own, without asking for work.
@@ -888,9 +1006,8 @@ async fn collect_only_reports_the_collection_and_ends() {
     h.shutdown(Duration::from_secs(5)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_collection_larger_than_one_message_arrives_whole_and_in_order() {
-    let mut h = start("many", &[], 1, &[]).await;
+async fn a_collection_larger_than_one_message_arrives_whole_and_in_order(fork: bool) {
+    let mut h = start(fork, "many", &[], 1, &[]).await;
     let (tests, _, _) = h.collected().await;
     assert_eq!(tests.len(), 25_000);
     for (n, test) in tests.iter().enumerate() {
@@ -907,4 +1024,215 @@ async fn a_collection_larger_than_one_message_arrives_whole_and_in_order() {
     .await;
     assert_eq!(h.record.report(lease, Phase::Call).outcome, "passed");
     h.shutdown(Duration::from_secs(30)).await;
+}
+
+/// Runs each listed `async fn name(fork: bool)` as `forked::name` and `spawned::name`.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod forked {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(true).await
+                }
+            )*
+        }
+        mod spawned {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(false).await
+                }
+            )*
+        }
+    };
+}
+
+in_both_modes!(
+    collects_with_locations_digest_and_deselection,
+    runs_tests_with_pytests_own_categories,
+    module_fixtures_live_once_per_module_when_tests_come_one_or_two_at_a_time,
+    revoking_unstarted_tests_keeps_fixture_lifetimes_right,
+    a_megabyte_of_output_arrives_and_the_channel_carries_on,
+    tests_printing_and_reading_stdin_under_dash_s_leave_the_channel_alone,
+    a_usage_error_fails_the_collection_with_pytests_message,
+    a_missing_path_is_a_usage_error,
+    collection_errors_stop_the_run_with_pytests_report,
+    a_worker_dying_before_collecting_fails_the_collection,
+    each_worker_has_its_own_environment_session_and_output,
+    os_exit_in_a_test_is_reported_as_a_crash,
+    a_segfault_in_a_test_is_reported_as_a_crash,
+    a_message_about_a_lease_never_given_stops_the_worker,
+    garbage_on_the_channel_stops_the_worker,
+    shutdown_leaves_no_process_behind,
+    shutdown_kills_a_test_that_does_not_finish_in_time,
+    dropping_the_pool_kills_its_workers,
+    the_pool_refuses_work_it_cannot_place,
+    collect_only_reports_the_collection_and_ends,
+    a_collection_larger_than_one_message_arrives_whole_and_in_order,
+);
+
+/// Writes a suite of `files` x `per_file` tests that only `assert True`.
+fn tiny_suite(dir: &Path, files: usize, per_file: usize) {
+    std::fs::write(dir.join("pytest.ini"), "[pytest]\n").unwrap();
+    for f in 0..files {
+        let mut text = String::new();
+        for t in 0..per_file {
+            text.push_str(&format!("def test_{t}():\n    assert True\n\n\n"));
+        }
+        std::fs::write(dir.join(format!("test_tiny_{f:02}.py")), text).unwrap();
+    }
+}
+
+/// Wall time and CPU time (of this process, and of the Python processes it waited for) of
+/// one run.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    wall: Duration,
+    agent_cpu: Duration,
+    python_cpu: Duration,
+}
+
+fn cpu_times() -> (Duration, Duration) {
+    let used = |who| {
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::getrusage(who, &mut usage) }, 0);
+        let time = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        time(usage.ru_utime) + time(usage.ru_stime)
+    };
+    (used(libc::RUSAGE_SELF), used(libc::RUSAGE_CHILDREN))
+}
+
+async fn measure<F: std::future::Future<Output = ()>>(run: F) -> Sample {
+    let (agent, python) = cpu_times();
+    let started = std::time::Instant::now();
+    run.await;
+    let wall = started.elapsed();
+    let (agent_after, python_after) = cpu_times();
+    Sample {
+        wall,
+        agent_cpu: agent_after - agent,
+        python_cpu: python_after - python,
+    }
+}
+
+/// Runs the whole suite on a pool, handing out `batch` tests per request, from the start of
+/// the pool to the last worker's exit.
+async fn run_on_pool(dir: &Path, workers: u32, fork: bool, batch: usize) {
+    let config = PoolConfig {
+        python: python(),
+        workdir: dir.to_path_buf(),
+        pytest_args: Vec::new(),
+        workers,
+        run_id: "bench".into(),
+        extra_env: Vec::new(),
+        fork,
+    };
+    let (tx, mut rx) = mpsc::channel(10_000);
+    let pool = WorkerPool::start(config, tx).await.unwrap();
+    let mut queue: VecDeque<(u64, u32)> = VecDeque::new();
+    let mut finished = 0;
+    let mut passed = 0;
+    let mut total = usize::MAX;
+    while finished < total {
+        match rx.recv().await.unwrap() {
+            PoolEvent::Collected { tests, .. } => {
+                total = tests.len();
+                queue = (0..tests.len() as u32).map(|i| (i as u64 + 1, i)).collect();
+            }
+            PoolEvent::WantWork { worker } => {
+                let take = batch.min(queue.len());
+                if take == 0 {
+                    pool.no_more(worker).unwrap();
+                } else {
+                    pool.assign(worker, queue.drain(..take).collect()).unwrap();
+                }
+            }
+            PoolEvent::Report { report, .. } => {
+                if report.phase == Phase::Call as i32 && report.outcome == "passed" {
+                    passed += 1;
+                }
+            }
+            PoolEvent::Finished { .. } => finished += 1,
+            PoolEvent::Started { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let shutdown = tokio::spawn(pool.shutdown(Duration::from_secs(30)));
+    while rx.recv().await.is_some() {}
+    shutdown.await.unwrap();
+    assert_eq!(passed, total);
+}
+
+fn run_plain_pytest(dir: &Path) {
+    let status = std::process::Command::new(python())
+        .args(["-m", "pytest", "-q"])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Not a check but a measurement: plain `pytest -q` against the pool (1 and 2 workers,
+/// forked and spawned, batches of 50) on 5,000 tests that only `assert True`, wall time from
+/// start to exit. Run it with `cargo test --release -p fly-agent --test worker_pool --
+/// --ignored --nocapture per_test_overhead` (`FLY_BENCH_ROUNDS`, default 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check; run it by name"]
+async fn per_test_overhead_against_plain_pytest() {
+    let dir = tempfile::Builder::new()
+        .prefix("fly-bench-")
+        .tempdir()
+        .unwrap();
+    tiny_suite(dir.path(), 50, 100);
+    // Warm up: assertion rewriting caches the test modules' bytecode (unless
+    // PYTHONDONTWRITEBYTECODE is set, which then costs every run the same).
+    run_plain_pytest(dir.path());
+    let rounds: usize = std::env::var("FLY_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let mut plain = Vec::new();
+    let mut pools: Vec<(u32, bool, Vec<Sample>)> = Vec::new();
+    for workers in [1, 2] {
+        for fork in [true, false] {
+            pools.push((workers, fork, Vec::new()));
+        }
+    }
+    for _ in 0..rounds {
+        plain.push(measure(async { run_plain_pytest(dir.path()) }).await);
+        for (workers, fork, samples) in pools.iter_mut() {
+            samples.push(measure(run_on_pool(dir.path(), *workers, *fork, 50)).await);
+        }
+    }
+    let median = |samples: &[Sample], of: fn(&Sample) -> Duration| {
+        let mut values: Vec<Duration> = samples.iter().map(of).collect();
+        values.sort();
+        values[values.len() / 2]
+    };
+    let line = |name: String, samples: &[Sample]| {
+        let wall = median(samples, |s| s.wall);
+        let best = samples.iter().map(|s| s.wall).min().unwrap();
+        let plain_wall = median(&plain, |s| s.wall);
+        let plain_best = plain.iter().map(|s| s.wall).min().unwrap();
+        println!(
+            "{name:<28} wall median {:>6.2}s ({:.2} x plain), best {:>6.2}s ({:.2} x plain); \
+             cpu median: python {:>6.2}s, agent {:>5.2}s",
+            wall.as_secs_f64(),
+            wall.as_secs_f64() / plain_wall.as_secs_f64(),
+            best.as_secs_f64(),
+            best.as_secs_f64() / plain_best.as_secs_f64(),
+            median(samples, |s| s.python_cpu).as_secs_f64(),
+            median(samples, |s| s.agent_cpu).as_secs_f64(),
+        );
+    };
+    println!("5,000 tiny tests, {rounds} rounds, interleaved");
+    line("plain pytest -q".into(), &plain);
+    for (workers, fork, samples) in &pools {
+        let mode = if *fork { "forked" } else { "spawned" };
+        line(format!("pool: {workers} {mode} worker(s)"), samples);
+    }
 }

@@ -37,6 +37,9 @@ pub struct Hello {
     pub python: String,
     #[serde(default)]
     pub pytest: String,
+    /// The fork server (which collects and forks the workers) rather than a worker.
+    #[serde(default)]
+    pub forker: bool,
 }
 
 /// One TestReport, as the worker sends it.
@@ -68,9 +71,9 @@ pub struct ReportMessage {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum WorkerMessage {
     Hello(Hello),
-    /// A chunk of the collection: `(nodeid, file, 1-based line or 0)`.
+    /// A chunk of the collection: `(nodeid, file, 1-based line or 0, xdist_group name or "")`.
     Collected {
-        tests: Vec<(String, String, u32)>,
+        tests: Vec<(String, String, u32, String)>,
         deselected: u32,
         done: bool,
     },
@@ -93,6 +96,21 @@ pub enum WorkerMessage {
     Exited {
         exit_code: i32,
     },
+    /// Fork server only: it forked this worker as process `pid` (also its process group).
+    Forked {
+        worker: u32,
+        pid: i32,
+    },
+    /// Fork server only: the worker ended; `status` is the raw wait status from waitpid.
+    Reaped {
+        worker: u32,
+        status: i32,
+    },
+    /// Fork server only: this worker could not be forked.
+    ForkFailed {
+        worker: u32,
+        error: String,
+    },
 }
 
 /// Everything the agent may send to a worker.
@@ -110,8 +128,35 @@ pub enum AgentMessage {
     Shutdown,
 }
 
+/// The fields of `start` and `finished`, for decoding them without the enum.
+#[derive(Deserialize)]
+struct TestFields {
+    lease: u64,
+    index: u32,
+    #[serde(default)]
+    at: f64,
+}
+
 /// Parses the body of one frame (without its length prefix).
 pub fn decode_frame(body: &[u8]) -> Result<WorkerMessage, FrameError> {
+    // Serde decodes an internally tagged enum by first copying the whole object into a
+    // generic tree. The worker writes the tag first, so the messages every test sends are
+    // decoded straight into their fields instead (the tag is then an ignored field).
+    if body.starts_with(br#"{"type":"report","#) {
+        return serde_json::from_slice(body)
+            .map(WorkerMessage::Report)
+            .map_err(FrameError::Json);
+    }
+    if body.starts_with(br#"{"type":"start","#) {
+        let TestFields { lease, index, at } =
+            serde_json::from_slice(body).map_err(FrameError::Json)?;
+        return Ok(WorkerMessage::Start { lease, index, at });
+    }
+    if body.starts_with(br#"{"type":"finished","#) {
+        let TestFields { lease, index, .. } =
+            serde_json::from_slice(body).map_err(FrameError::Json)?;
+        return Ok(WorkerMessage::Finished { lease, index });
+    }
     serde_json::from_slice(body).map_err(FrameError::Json)
 }
 
@@ -127,6 +172,91 @@ pub fn encode_frame(message: &AgentMessage, out: &mut Vec<u8>) {
     }
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Reads frames from a stream in batches: whatever arrived together is decoded together.
+///
+/// Unlike `read_frame`, waiting for the next batch is cancel-safe (bytes read so far stay in
+/// the reader's buffer), so it can be one branch of a `select!`.
+pub struct FrameReader<R> {
+    stream: R,
+    buf: Vec<u8>,
+    /// Where the first unread frame starts in `buf`.
+    start: usize,
+    /// The stream ended, or a frame could not be read: nothing more comes.
+    done: bool,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(stream: R) -> FrameReader<R> {
+        FrameReader {
+            stream,
+            buf: Vec::with_capacity(64 * 1024),
+            start: 0,
+            done: false,
+        }
+    }
+
+    /// The next frames, at least one; a bad frame ends the batch and the stream. None at the
+    /// end of the stream.
+    pub async fn next_batch(&mut self) -> Option<Vec<Result<WorkerMessage, FrameError>>> {
+        loop {
+            let batch = self.take_frames();
+            if !batch.is_empty() {
+                return Some(batch);
+            }
+            if self.done {
+                return None;
+            }
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) => {
+                    self.done = true;
+                    if self.buf.len() > self.start {
+                        return Some(vec![Err(FrameError::Truncated)]);
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    self.done = true;
+                    return Some(vec![Err(FrameError::Io(error))]);
+                }
+            }
+        }
+    }
+
+    /// Decodes every whole frame in the buffer.
+    fn take_frames(&mut self) -> Vec<Result<WorkerMessage, FrameError>> {
+        let mut batch = Vec::new();
+        while !self.done {
+            let unread = &self.buf[self.start..];
+            let Some(header) = unread.get(..4) else { break };
+            let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            if len > MAX_FRAME_BYTES {
+                self.done = true;
+                batch.push(Err(FrameError::TooLarge { len }));
+                break;
+            }
+            let Some(body) = unread.get(4..4 + len) else {
+                // Make room for the whole frame at once rather than growing step by step.
+                self.buf.reserve(4 + len);
+                break;
+            };
+            let frame = decode_frame(body);
+            self.start += 4 + len;
+            if frame.is_err() {
+                self.done = true;
+            }
+            batch.push(frame);
+        }
+        batch
+    }
 }
 
 /// Reads the body of the next frame. `Ok(None)` is a clean end of stream between frames.
@@ -172,14 +302,27 @@ mod tests {
             decode_frame(hello),
             Ok(WorkerMessage::Hello(Hello { worker: 2, .. }))
         ));
-        let collected =
-            br#"{"type":"collected","tests":[["a.py::t","a.py",3]],"deselected":1,"done":true}"#;
+        let collected = br#"{"type":"collected","tests":[["a.py::t","a.py",3,"db"]],"deselected":1,"done":true}"#;
         assert_eq!(
             decode_frame(collected).ok(),
             Some(WorkerMessage::Collected {
-                tests: vec![("a.py::t".into(), "a.py".into(), 3)],
+                tests: vec![("a.py::t".into(), "a.py".into(), 3, "db".into())],
                 deselected: 1,
                 done: true
+            })
+        );
+        assert_eq!(
+            decode_frame(br#"{"type":"reaped","worker":1,"status":2816}"#).ok(),
+            Some(WorkerMessage::Reaped {
+                worker: 1,
+                status: 2816
+            })
+        );
+        assert_eq!(
+            decode_frame(br#"{"type":"forkfailed","worker":0,"error":"no memory"}"#).ok(),
+            Some(WorkerMessage::ForkFailed {
+                worker: 0,
+                error: "no memory".into()
             })
         );
         assert_eq!(
@@ -208,6 +351,7 @@ mod tests {
             br#"{"type":"launch"}"#,
             br#"{"type":"start","lease":-1,"index":0}"#,
             br#"{"type":"collected","tests":[["a"]],"deselected":0,"done":true}"#,
+            br#"{"type":"collected","tests":[["a","a.py",1]],"deselected":0,"done":true}"#,
             b"\xff\xfe",
         ] {
             assert!(decode_frame(body).is_err(), "{body:?} was accepted");
@@ -226,6 +370,77 @@ mod tests {
         let body = br#"{"type":"run","tests":[[1,2]]}"#;
         assert_eq!(&out[..4], &(body.len() as u32).to_be_bytes());
         assert_eq!(&out[4..], body);
+    }
+
+    #[test]
+    fn the_quick_decoding_agrees_with_the_enum() {
+        let report = br#"{"type":"report","lease":5,"index":0,"phase":"call","outcome":"passed","category":"passed","duration":0.5,"start":1.0,"stop":1.5,"longrepr":"","message":"","sections":[]}"#;
+        let start = br#"{"type":"start","lease":5,"index":7,"at":1.25}"#;
+        let finished = br#"{"type":"finished","lease":5,"index":7}"#;
+        for body in [&report[..], start, finished] {
+            let generic: Result<WorkerMessage, _> = serde_json::from_slice(body);
+            assert_eq!(decode_frame(body).ok(), generic.ok());
+        }
+        assert!(decode_frame(br#"{"type":"start","lease":-5,"index":7}"#).is_err());
+        assert!(decode_frame(br#"{"type":"finished","lease":5}"#).is_err());
+    }
+
+    fn framed(bodies: &[&[u8]]) -> Vec<u8> {
+        let mut data = Vec::new();
+        for body in bodies {
+            data.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            data.extend_from_slice(body);
+        }
+        data
+    }
+
+    #[tokio::test]
+    async fn a_frame_reader_batches_what_arrived_together() {
+        let want = br#"{"type":"want"}"#;
+        let exited = br#"{"type":"exited","exit_code":0}"#;
+        let data = framed(&[want, want, exited]);
+        // Arrives in two pieces, split inside the second frame.
+        let (first, second) = data.split_at(25);
+        let stream = tokio_test_stream(vec![first.to_vec(), second.to_vec()]);
+        let mut reader = FrameReader::new(stream);
+        let batch = reader.next_batch().await.unwrap();
+        assert_eq!(batch.len(), 1);
+        let batch = reader.next_batch().await.unwrap();
+        assert_eq!(batch.len(), 2);
+        assert!(matches!(
+            batch[1],
+            Ok(WorkerMessage::Exited { exit_code: 0 })
+        ));
+        assert!(reader.next_batch().await.is_none());
+
+        let mut cut = FrameReader::new(&[0u8, 0, 0, 9, b'x'][..]);
+        assert!(matches!(
+            cut.next_batch().await.unwrap()[..],
+            [Err(FrameError::Truncated)]
+        ));
+        let big = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
+        let mut data = framed(&[want]);
+        data.extend_from_slice(&big);
+        let mut oversized = FrameReader::new(&data[..]);
+        let batch = oversized.next_batch().await.unwrap();
+        assert!(matches!(
+            batch[..],
+            [Ok(WorkerMessage::Want), Err(FrameError::TooLarge { .. })]
+        ));
+        assert!(oversized.next_batch().await.is_none());
+    }
+
+    /// A stream that yields `pieces` one read at a time.
+    fn tokio_test_stream(pieces: Vec<Vec<u8>>) -> impl AsyncRead + Unpin {
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for piece in pieces {
+                tx.write_all(&piece).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        });
+        rx
     }
 
     #[tokio::test]

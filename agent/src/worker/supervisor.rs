@@ -1,6 +1,9 @@
 //! One worker's supervisor: relays the pool's commands to the worker, checks every message the
 //! worker sends against what it was given, and turns the worker's end (clean or not) into
 //! events, reporting a test it died in as crashed.
+//!
+//! A spawned worker's end is its child process's exit status; a forked worker's end is what
+//! the fork server reports about it (see `forker.rs`).
 
 use std::collections::{HashSet, VecDeque};
 use std::os::unix::process::ExitStatusExt;
@@ -10,29 +13,28 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fly_common::outcome::Phase;
 use fly_common::proto::{CollectedTest, PhaseReport, Section};
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::{debug, warn};
 
 use super::frame::{
-    decode_frame, encode_frame, read_frame, AgentMessage, FrameError, ReportMessage, WorkerMessage,
+    encode_frame, AgentMessage, FrameError, FrameReader, ReportMessage, WorkerMessage,
 };
-use super::tail::{drain, Tail};
-use super::{kill_group, signal_name, Group, Internal, PoolEvent};
+use super::tail::{Output, Tail};
+use super::{end_group, kill_group, signal_name, Group, Internal, PoolEvent};
 
 /// A worker closed its socket without saying it exits: it is dying; kill it if it lingers.
-const EOF_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const EOF_GRACE: Duration = Duration::from_secs(5);
 /// A worker said it exits but its process lives on (a non-daemon thread a test left behind,
 /// a slow atexit handler): kill it after this long.
-const LINGER_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const LINGER_GRACE: Duration = Duration::from_secs(30);
 /// After the process ended, how long to wait for the rest of its messages and output (held
 /// open only by a process that escaped the group).
-const DRAIN_WAIT: Duration = Duration::from_secs(3);
+pub(crate) const DRAIN_WAIT: Duration = Duration::from_secs(3);
 /// Lines of the worker's stderr and stdout quoted in a crash report.
 const CRASH_LINES: usize = 40;
 /// How Python's fault handler starts its dump, and how much of the dump a report quotes.
@@ -48,7 +50,54 @@ pub(crate) enum Command {
     Shutdown,
 }
 
-type Frame = Result<WorkerMessage, FrameError>;
+pub(crate) type Frame = Result<WorkerMessage, FrameError>;
+/// A worker's (or the fork server's) side of the socket, read in the supervisor's own loop.
+pub(crate) type Frames = FrameReader<OwnedReadHalf>;
+
+/// How a worker process ended.
+pub(crate) struct ProcessEnd {
+    pub(crate) status: std::io::Result<ExitStatus>,
+    /// Set for a worker that was never forked: the fork server's end stands in for its own.
+    pub(crate) stand_in: Option<StandIn>,
+}
+
+impl ProcessEnd {
+    pub(crate) fn of(status: std::io::Result<ExitStatus>) -> ProcessEnd {
+        ProcessEnd {
+            status,
+            stand_in: None,
+        }
+    }
+}
+
+/// What the fork server said, printed and suffered, for the workers it never forked.
+pub(crate) struct StandIn {
+    pub(crate) exit_message: Option<i32>,
+    pub(crate) output: String,
+    pub(crate) kill_reason: Option<String>,
+}
+
+/// Where a worker's end comes from.
+pub(crate) enum Process {
+    /// Spawned by the pool: wait for the child.
+    Spawned(Child),
+    /// Forked by the fork server, which reports the end (the agent cannot wait for it).
+    Forked(oneshot::Receiver<ProcessEnd>),
+}
+
+impl Process {
+    async fn wait(&mut self) -> ProcessEnd {
+        match self {
+            Process::Spawned(child) => ProcessEnd::of(child.wait().await),
+            Process::Forked(end) => match end.await {
+                Ok(end) => end,
+                Err(_) => ProcessEnd::of(Err(std::io::Error::other(
+                    "the pool stopped watching its fork server",
+                ))),
+            },
+        }
+    }
+}
 
 /// The test a worker is running.
 struct Running {
@@ -64,9 +113,9 @@ pub(crate) struct Supervisor {
     id: u32,
     group: Arc<Mutex<Group>>,
     central: mpsc::Sender<Internal>,
-    stdout: Arc<Mutex<Tail>>,
-    stderr: Arc<Mutex<Tail>>,
-    drains: Vec<JoinHandle<()>>,
+    output: Output,
+    /// False for a forked worker: the fork server collected for it.
+    collects: bool,
     to_worker: mpsc::UnboundedSender<AgentMessage>,
     to_worker_rx: Option<mpsc::UnboundedReceiver<AgentMessage>>,
     unstarted: VecDeque<(u64, u32)>,
@@ -81,30 +130,21 @@ pub(crate) struct Supervisor {
 }
 
 impl Supervisor {
-    /// Takes the child's output pipes and starts draining them.
+    /// `output` is the worker's stdout and stderr, already draining.
     pub(crate) fn new(
         id: u32,
-        child: &mut Child,
+        output: Output,
+        collects: bool,
         group: Arc<Mutex<Group>>,
         central: mpsc::Sender<Internal>,
     ) -> Supervisor {
-        let stdout = Arc::new(Mutex::new(Tail::default()));
-        let stderr = Arc::new(Mutex::new(Tail::default()));
-        let mut drains = Vec::new();
-        if let Some(pipe) = child.stdout.take() {
-            drains.push(tokio::spawn(drain(pipe, stdout.clone())));
-        }
-        if let Some(pipe) = child.stderr.take() {
-            drains.push(tokio::spawn(drain(pipe, stderr.clone())));
-        }
         let (to_worker, to_worker_rx) = mpsc::unbounded_channel();
         Supervisor {
             id,
             group,
             central,
-            stdout,
-            stderr,
-            drains,
+            output,
+            collects,
             to_worker,
             to_worker_rx: Some(to_worker_rx),
             unstarted: VecDeque::new(),
@@ -119,17 +159,17 @@ impl Supervisor {
 
     pub(crate) async fn run(
         mut self,
-        mut child: Child,
+        mut process: Process,
         mut connection: oneshot::Receiver<Result<UnixStream, String>>,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) {
         let mut awaiting_connection = true;
         let mut commands_open = true;
-        let mut frames: Option<mpsc::Receiver<Frame>> = None;
+        let mut frames: Option<Frames> = None;
         let mut kill_at: Option<Instant> = None;
-        let status = loop {
+        let end = loop {
             tokio::select! {
-                status = child.wait() => break status,
+                end = process.wait() => break end,
                 conn = &mut connection, if awaiting_connection => {
                     awaiting_connection = false;
                     match conn {
@@ -139,8 +179,8 @@ impl Supervisor {
                         Err(_) => {}
                     }
                 }
-                frame = next_frame(&mut frames) => match frame {
-                    Some(frame) => self.handle(frame).await,
+                batch = next_frames(&mut frames) => match batch {
+                    Some(batch) => self.handle(batch).await,
                     None => {
                         frames = None;
                         let grace = if self.exit_message.is_some() { LINGER_GRACE } else { EOF_GRACE };
@@ -162,18 +202,16 @@ impl Supervisor {
                 }
             }
         };
-        self.finish(status, frames, commands).await;
+        self.finish(end, frames, commands).await;
     }
 
-    /// Starts the socket's reader and writer tasks.
-    fn connect(&mut self, stream: UnixStream) -> mpsc::Receiver<Frame> {
+    /// Starts the socket's writer task; the supervisor reads the socket itself.
+    fn connect(&mut self, stream: UnixStream) -> Frames {
         let (read, write) = stream.into_split();
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(read_frames(read, tx));
         if let Some(outgoing) = self.to_worker_rx.take() {
             tokio::spawn(write_frames(write, outgoing, self.id));
         }
-        rx
+        FrameReader::new(read)
     }
 
     fn command(&mut self, command: Command) {
@@ -211,18 +249,36 @@ impl Supervisor {
         accepted
     }
 
-    async fn handle(&mut self, frame: Frame) {
-        if self.broken {
-            return;
+    /// Checks a batch of messages (whatever arrived together) and passes their events on in
+    /// one message, so the pool's tasks wake up once per batch, not once per event.
+    async fn handle(&mut self, batch: Vec<Frame>) {
+        let mut events = Vec::with_capacity(batch.len());
+        for frame in batch {
+            if self.broken {
+                break;
+            }
+            let message = match frame {
+                Ok(message) => message,
+                Err(error) => {
+                    self.fail(&format!("it sent an unreadable message: {error}"));
+                    break;
+                }
+            };
+            match self.check(message) {
+                Ok(Some(Internal::Event(event))) => events.push(event),
+                Ok(Some(internal)) => {
+                    if !events.is_empty() {
+                        self.emit(Internal::Events(std::mem::take(&mut events)))
+                            .await;
+                    }
+                    self.emit(internal).await;
+                }
+                Ok(None) => {}
+                Err(reason) => self.fail(&reason),
+            }
         }
-        let message = match frame {
-            Ok(message) => message,
-            Err(error) => return self.fail(&format!("it sent an unreadable message: {error}")),
-        };
-        match self.check(message) {
-            Ok(Some(internal)) => self.emit(internal).await,
-            Ok(None) => {}
-            Err(reason) => self.fail(&reason),
+        if !events.is_empty() {
+            self.emit(Internal::Events(events)).await;
         }
     }
 
@@ -236,22 +292,20 @@ impl Supervisor {
                 deselected,
                 done,
             } => {
+                if !self.collects {
+                    return Err("it sent a collection, but its fork server collected".into());
+                }
                 if self.collection_done {
                     return Err("it sent its collection twice".into());
                 }
                 self.collection
-                    .extend(tests.into_iter().map(|(nodeid, file, line)| CollectedTest {
-                        group: String::new(),
-                        nodeid,
-                        file,
-                        line,
-                    }));
+                    .extend(tests.into_iter().map(collected_test));
                 if !done {
                     return Ok(None);
                 }
                 self.collection_done = true;
                 Ok(Some(Internal::Collected {
-                    worker,
+                    worker: Some(worker),
                     tests: std::mem::take(&mut self.collection),
                     deselected,
                 }))
@@ -350,6 +404,11 @@ impl Supervisor {
                 self.exit_message = Some(exit_code);
                 Ok(None)
             }
+            WorkerMessage::Forked { .. }
+            | WorkerMessage::Reaped { .. }
+            | WorkerMessage::ForkFailed { .. } => {
+                Err("it sent a message only the fork server may send".into())
+            }
         }
     }
 
@@ -368,32 +427,28 @@ impl Supervisor {
     /// The process ended: collect what it still said and printed, then report its end.
     async fn finish(
         mut self,
-        status: std::io::Result<ExitStatus>,
-        frames: Option<mpsc::Receiver<Frame>>,
+        end: ProcessEnd,
+        frames: Option<Frames>,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) {
         // Anything the tests left running in the group goes too (it may hold our pipes open).
-        let kill_reason = {
-            let mut group = self.group.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(pgid) = group.pgid.take().filter(|pgid| *pgid > 1) {
-                // SAFETY: killpg only sends a signal; ESRCH when the group is already empty.
-                unsafe {
-                    libc::killpg(pgid, libc::SIGKILL);
-                }
-            }
-            group.kill_reason.clone()
-        };
+        let mut kill_reason = end_group(&self.group);
         let deadline = Instant::now() + DRAIN_WAIT;
         if let Some(mut frames) = frames {
-            while let Ok(Some(frame)) = timeout_at(deadline, frames.recv()).await {
-                self.handle(frame).await;
+            while let Ok(Some(batch)) = timeout_at(deadline, frames.next_batch()).await {
+                self.handle(batch).await;
             }
         }
-        for mut task in std::mem::take(&mut self.drains) {
-            if timeout_at(deadline, &mut task).await.is_err() {
-                task.abort();
+        self.output.finish(deadline).await;
+        let status = end.status;
+        let output = match end.stand_in {
+            Some(stand_in) => {
+                self.exit_message = stand_in.exit_message;
+                kill_reason = kill_reason.or(stand_in.kill_reason);
+                stand_in.output
             }
-        }
+            None => self.output.text(),
+        };
         // Leases handed over after the end are returned with the unstarted ones.
         commands.close();
         while let Ok(command) = commands.try_recv() {
@@ -427,7 +482,6 @@ impl Supervisor {
             };
             self.report_crash(&why).await;
         }
-        let output = self.output();
         let collection_exit_code = self
             .exit_message
             .or(status.as_ref().ok().and_then(|s| s.code()))
@@ -472,7 +526,10 @@ impl Supervisor {
         };
         let message = format!("worker {} crashed while running this test: {why}", self.id);
         let mut longrepr = message.clone();
-        for (name, tail) in [("stderr", &self.stderr), ("stdout", &self.stdout)] {
+        for (name, tail) in [
+            ("stderr", &self.output.stderr),
+            ("stdout", &self.output.stdout),
+        ] {
             let lines = tail.lock().map(|t| crash_excerpt(&t)).unwrap_or_default();
             if !lines.trim().is_empty() {
                 longrepr.push_str(&format!("\n\nlast lines of the worker's {name}:\n{lines}"));
@@ -503,18 +560,16 @@ impl Supervisor {
         }))
         .await;
     }
+}
 
-    /// What the worker printed: the stdout tail, then the stderr tail.
-    fn output(&self) -> String {
-        let text = |tail: &Mutex<Tail>| tail.lock().map(|t| t.text()).unwrap_or_default();
-        let stdout = text(&self.stdout);
-        let stderr = text(&self.stderr);
-        match (stdout.is_empty(), stderr.is_empty()) {
-            (_, true) => stdout,
-            (true, false) => stderr,
-            (false, false) if stdout.ends_with('\n') => stdout + &stderr,
-            (false, false) => stdout + "\n" + &stderr,
-        }
+pub(crate) fn collected_test(
+    (nodeid, file, line, group): (String, String, u32, String),
+) -> CollectedTest {
+    CollectedTest {
+        nodeid,
+        file,
+        line,
+        group,
     }
 }
 
@@ -558,34 +613,18 @@ fn epoch_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn next_frame(frames: &mut Option<mpsc::Receiver<Frame>>) -> Option<Frame> {
+/// The next batch from the socket, once connected.
+pub(crate) async fn next_frames(frames: &mut Option<Frames>) -> Option<Vec<Frame>> {
     match frames {
-        Some(rx) => rx.recv().await,
+        Some(frames) => frames.next_batch().await,
         None => std::future::pending().await,
     }
 }
 
-async fn sleep_until_some(deadline: Option<Instant>) {
+pub(crate) async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Reads and decodes frames until the end of the stream or the first bad frame (which is
-/// passed on, so the supervisor can stop the worker).
-async fn read_frames(read: OwnedReadHalf, frames: mpsc::Sender<Frame>) {
-    let mut reader = BufReader::with_capacity(256 * 1024, read);
-    loop {
-        let frame = match read_frame(&mut reader).await {
-            Ok(None) => return,
-            Ok(Some(body)) => decode_frame(&body),
-            Err(error) => Err(error),
-        };
-        let bad = frame.is_err();
-        if frames.send(frame).await.is_err() || bad {
-            return;
-        }
     }
 }
 

@@ -4,6 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::task::JoinHandle;
+use tokio::time::{timeout_at, Instant};
 
 /// How much of each stream is kept.
 pub const TAIL_BYTES: usize = 64 * 1024;
@@ -53,6 +55,68 @@ impl Tail {
             }
         }
         trimmed[start..].trim_start_matches('\n').to_string()
+    }
+}
+
+/// A process's stdout and stderr, drained continuously into bounded tails.
+pub struct Output {
+    pub stdout: Arc<Mutex<Tail>>,
+    pub stderr: Arc<Mutex<Tail>>,
+    drains: Vec<JoinHandle<()>>,
+}
+
+impl Output {
+    /// Starts draining whichever of the two streams exist.
+    pub fn drain<O, E>(stdout: Option<O>, stderr: Option<E>) -> Output
+    where
+        O: AsyncRead + Unpin + Send + 'static,
+        E: AsyncRead + Unpin + Send + 'static,
+    {
+        let out = Arc::new(Mutex::new(Tail::default()));
+        let err = Arc::new(Mutex::new(Tail::default()));
+        let mut drains = Vec::new();
+        if let Some(stream) = stdout {
+            drains.push(tokio::spawn(drain(stream, out.clone())));
+        }
+        if let Some(stream) = stderr {
+            drains.push(tokio::spawn(drain(stream, err.clone())));
+        }
+        Output {
+            stdout: out,
+            stderr: err,
+            drains,
+        }
+    }
+
+    /// Waits until both streams ended, or gives up on them at `deadline` (a process that
+    /// escaped the group can hold a pipe open).
+    pub async fn finish(&mut self, deadline: Instant) {
+        for mut task in std::mem::take(&mut self.drains) {
+            if timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+    }
+
+    /// What the process printed: the stdout tail, then the stderr tail.
+    pub fn text(&self) -> String {
+        let text = |tail: &Mutex<Tail>| tail.lock().map(|t| t.text()).unwrap_or_default();
+        let stdout = text(&self.stdout);
+        let stderr = text(&self.stderr);
+        match (stdout.is_empty(), stderr.is_empty()) {
+            (_, true) => stdout,
+            (true, false) => stderr,
+            (false, false) if stdout.ends_with('\n') => stdout + &stderr,
+            (false, false) => stdout + "\n" + &stderr,
+        }
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        for task in &self.drains {
+            task.abort();
+        }
     }
 }
 
