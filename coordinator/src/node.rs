@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server, Uri};
 use tracing::warn;
 
@@ -66,7 +67,10 @@ impl Node {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
         let router = self.router();
-        let incoming = TcpListenerStream::new(listener);
+        // tonic applies its TCP_NODELAY default only to listeners it binds itself, not to an
+        // incoming stream handed to it: without this, Nagle's algorithm may hold back a small
+        // Work message until the agent acknowledges the previous segment.
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         tokio::spawn(async move {
             if let Err(err) = router
                 .serve_with_incoming_shutdown(incoming, shutdown)
