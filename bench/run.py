@@ -515,7 +515,8 @@ def loadavg():
         return "unknown"
 
 
-def versions(python, given_bin):
+def versions(python):
+    """The interpreter, pytest, pytest-xdist, and the state of the tree fly is built from."""
     probe = subprocess.run(
         [str(python), "-c", "import sys, pytest, xdist; print(sys.version.split()[0], pytest.__version__, xdist.__version__)"],
         capture_output=True, text=True,
@@ -523,12 +524,8 @@ def versions(python, given_bin):
     py, pt, xd = (probe.stdout.split() + ["?"] * 3)[:3]
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    if given_bin:
-        built = datetime.datetime.fromtimestamp(given_bin.stat().st_mtime, datetime.timezone.utc)
-        fly = f"fly binary given with --fly-bin, built {built:%Y-%m-%d %H:%M} UTC (tree now at {rev or '?'})"
-    else:
-        fly = f"fly built from {rev or '?'}{' with uncommitted changes' if dirty else ''}"
-    return f"Python {py}, pytest {pt}, pytest-xdist {xd}; {fly}"  # fmt: skip
+    tree = f"tree at {rev or '?'}{' with uncommitted changes' if dirty else ''}"
+    return f"Python {py}, pytest {pt}, pytest-xdist {xd}; {tree}"  # fmt: skip
 
 
 def main():
@@ -544,6 +541,8 @@ def main():
     parser.add_argument("--no-farm", action="store_true", help="skip the simulated-farm benchmark")
     args = parser.parse_args()  # fmt: skip
 
+    if args.repeat < 1:
+        sys.exit("bench: --repeat must be at least 1")
     kinds = [k.strip() for k in args.suites.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in SUITES]
     if unknown:
@@ -557,15 +556,20 @@ def main():
     python = args.python.absolute()  # not resolve(): a venv's python is a symlink
     if python == VENV_PYTHON:
         ensure_venv(python)
-    given_bin = args.fly_bin
-    source_bin = given_bin or FLY_BIN
-    if not args.no_build and not args.fly_bin:
-        build = sh(["cargo", "build", "--release", "--bins"], check=False)
-        if build.returncode != 0:
+    source_bin = args.fly_bin or FLY_BIN
+    build = not args.no_build and not args.fly_bin
+    # Describe the tree before building: others may commit or edit while the suites run.
+    built_from = versions(python) + (" when the build started" if build else "")
+    if build:
+        built = sh(["cargo", "build", "--release", "--bins"], check=False)
+        if built.returncode != 0:
             sys.exit("bench: `cargo build --release --bins` failed; fix the build, or time the "
                      "binaries as they are with --no-build or --fly-bin PATH")
     if not source_bin.is_file():
         sys.exit(f"bench: {source_bin} is missing; build with `cargo build --release --bins`")
+    if not build:
+        mtime = datetime.datetime.fromtimestamp(source_bin.stat().st_mtime, datetime.timezone.utc)
+        built_from += f"; timed {source_bin.name} as found, built {mtime:%Y-%m-%d %H:%M} UTC"
     # Others may rebuild target/release while this runs: time a private copy of the binary.
     args.fly_bin = out / "bin" / "fly-coordinator"
     args.fly_bin.parent.mkdir(exist_ok=True)
@@ -582,7 +586,7 @@ def main():
         f"- command: `{cmdline.strip()}`",
         f"- date: {started:%Y-%m-%d %H:%M} UTC; {args.repeat} rounds per suite, medians",
         f"- machine: {machine()}; load average {load_at_start} at the start, {loadavg()} at the end",
-        f"- {versions(python, given_bin)}",
+        f"- {built_from}",
         f"- pytest arguments for every runner: `{' '.join(PYTEST_ARGS)}`"
         + (f"; extra fly arguments: `{args.fly_args}`" if args.fly_args else ""),
         "",

@@ -66,11 +66,9 @@ fn the_second_run_of_a_tail_shaped_suite_starts_the_longest_tests_first() {
     let second_id = db.run_id();
     assert_ne!(first_id, second_id);
     let order = start_order(&db, &second_id);
-    let mut first_two: Vec<&str> = order.iter().take(2).map(String::as_str).collect();
-    first_two.sort_unstable();
     assert_eq!(
-        first_two,
-        vec!["test_zz_slow.py::test_long", "test_zz_slow.py::test_medium"],
-        "the two longest tests start first, one on each worker: {order:?}"
+        order.first().map(String::as_str),
+        Some("test_zz_slow.py::test_long"),
+        "the longest test starts first: {order:?}"
     );
 }

@@ -119,6 +119,26 @@ struct Worker {
     served: bool,
 }
 
+impl Worker {
+    /// The next test to start, under the real worker's rule: only when it knows the test after
+    /// it (pytest's fixture teardown needs that) or was told there is no more.
+    fn start_next(&mut self) -> Option<Lease> {
+        if self.held.len() >= 2 || self.parked {
+            self.held.pop_front()
+        } else {
+            None
+        }
+    }
+
+    /// Whether to ask for work now: it holds fewer than two and has neither asked already nor
+    /// been told there is nothing.
+    fn ask(&mut self) -> bool {
+        let ask = self.held.len() < 2 && !self.parked && !self.asked;
+        self.asked |= ask;
+        ask
+    }
+}
+
 struct Run {
     id: String,
     /// Waiting for the run's collection before sending the digest (one-lister mode).
@@ -382,10 +402,7 @@ impl FakeAgent {
         };
         let mut ran = 0u64;
         let mut now = None;
-        while worker.held.len() >= 2 || (worker.parked && !worker.held.is_empty()) {
-            let Some(lease) = worker.held.pop_front() else {
-                break;
-            };
+        while let Some(lease) = worker.start_next() {
             let at = *now.get_or_insert_with(epoch_now);
             let seconds = self.farm.phase_seconds;
             self.events.push(event(
@@ -425,8 +442,7 @@ impl FakeAgent {
             ));
             ran += 1;
         }
-        if worker.held.len() < 2 && !worker.parked && !worker.asked {
-            worker.asked = true;
+        if worker.ask() {
             self.events
                 .push(event(w, worker_event::Kind::WantWork(WantWork {})));
         }
@@ -466,5 +482,46 @@ impl FakeAgent {
             .send(message(kind))
             .await
             .with_context(|| format!("agent {}: the outbound stream closed", self.index))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(n: u64) -> Lease {
+        Lease {
+            lease: n,
+            test_index: n as u32,
+        }
+    }
+
+    #[test]
+    fn a_worker_starts_a_test_only_when_it_knows_the_next_one_or_was_told_there_is_none() {
+        let mut worker = Worker::default();
+        assert!(worker.ask(), "an empty worker asks");
+        assert!(!worker.ask(), "and does not ask twice before an answer");
+        worker.asked = false;
+        worker.held.extend([lease(1), lease(2), lease(3)]);
+        let started: Vec<u64> = std::iter::from_fn(|| worker.start_next())
+            .map(|l| l.lease)
+            .collect();
+        assert_eq!(started, vec![1, 2], "the last one waits for its successor");
+        assert!(worker.ask(), "holding one, it asks for more");
+        worker.asked = false;
+        worker.parked = true;
+        assert_eq!(worker.start_next().map(|l| l.lease), Some(3));
+        assert!(!worker.ask(), "a parked worker waits to be given work");
+    }
+
+    #[test]
+    fn the_synthetic_suite_has_a_hundred_tests_a_file() {
+        let tests = synthetic_collection(250);
+        assert_eq!(tests[0].nodeid, "t0.py::test_0");
+        assert_eq!(tests[199].nodeid, "t1.py::test_199");
+        assert_eq!(tests[249].file, "t2.py");
+        let ids: std::collections::HashSet<&str> =
+            tests.iter().map(|t| t.nodeid.as_str()).collect();
+        assert_eq!(ids.len(), 250);
     }
 }

@@ -215,3 +215,22 @@ fn tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_after_a_thread_name_with_spaces_and_parentheses() {
+        let line = "4242 (tokio (rt) 1) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 3 0 100";
+        let (name, cpu) = stat_cpu(line).expect("parsed");
+        assert_eq!(name, "tokio (rt) 1");
+        assert_eq!(cpu, ticks(300));
+    }
+
+    #[test]
+    fn this_process_is_sampled() {
+        let sample = sample_pid(std::process::id()).expect("our own /proc entry");
+        assert!(sample.rss > 0 && sample.hwm >= sample.rss);
+    }
+}
