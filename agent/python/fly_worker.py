@@ -31,7 +31,7 @@ import warnings
 
 import pytest
 
-PROTOCOL = 1
+PROTOCOL = 2
 # Both directions refuse frames larger than this; the agent treats a larger one as a crash.
 MAX_FRAME = 64 * 1024 * 1024
 # Captured output, longrepr and message are cut to this many UTF-8 bytes (keeping the end, where
@@ -59,6 +59,25 @@ START = '{"type":"start","lease":%d,"index":%d,"at":%r}'
 FINISHED = '{"type":"finished","lease":%d,"index":%d}'
 
 
+# This process's pid, kept current across os.fork() so the per-test checks for "am I a child a
+# test forked?" cost no system call.
+_PID = [os.getpid()]
+
+
+def _forked():
+    _PID[0] = os.getpid()
+
+
+_FORK_HOOKS = hasattr(os, "register_at_fork")
+if _FORK_HOOKS:
+    os.register_at_fork(after_in_child=_forked)
+
+
+def _pid():
+    # Without fork hooks (Python < 3.7), ask the system every time.
+    return _PID[0] if _FORK_HOOKS else os.getpid()
+
+
 def _die(message, code=3):
     """Leave at once: the agent is gone or broke the protocol, so nobody could use a report."""
     try:
@@ -83,7 +102,7 @@ class Channel:
         self.rfile = self.sock.makefile("rb")
         self.lock = threading.Lock()
         self.buf = bytearray()
-        self.pid = os.getpid()
+        self.pid = _pid()
 
     @staticmethod
     def encode(obj):
@@ -100,7 +119,7 @@ class Channel:
 
     def flush(self):
         # A process forked by a test inherits this object; only the worker itself may speak.
-        if os.getpid() != self.pid:
+        if _pid() != self.pid:
             return
         with self.lock:
             if not self.buf:
@@ -452,7 +471,12 @@ class FlyWorkerPlugin:
                 self.channel.flush()
                 continue
             if pid == 0:
-                self._become_worker(session, worker)
+                try:
+                    self._become_worker(session, worker)
+                except BaseException:
+                    # Nothing of the session may go on in a half-made worker.
+                    traceback.print_exc()
+                    _die("could not start worker %d after the fork" % worker)
                 return
             try:
                 # Also done by the child: whoever runs first, the group exists before the agent
@@ -588,7 +612,7 @@ class FlyWorkerPlugin:
         channel = self.channel
         cond = self.cond
         queue = self.queue
-        pid = os.getpid()
+        pid = _pid()
         # pytest's own loop calls the hook this way (item.ihook looks up conftests per test).
         protocol = session.config.hook.pytest_runtest_protocol
         while True:
@@ -612,7 +636,7 @@ class FlyWorkerPlugin:
             channel.send(None, (START % (lease, index, time.time())).encode())
             channel.flush()
             protocol(item=item, nextitem=nextitem)
-            if os.getpid() != pid:
+            if _pid() != pid:
                 # A test forked and its child came back here: it must not act as the worker.
                 os._exit(0)
             self.current = None

@@ -35,6 +35,11 @@
 //! failed collection reaches the user, once. If the agent goes away, the fork server sees its
 //! connection close and kills its workers. Killing the pool kills every worker's group and the
 //! fork server's group.
+//!
+//! What a fork cannot give: whatever the suite does while it is imported and collected happens
+//! once, as worker 0 (`PYTEST_XDIST_WORKER=gw0`). Values a conftest computes from the
+//! environment at import time are worker 0's in every worker, connections opened then are
+//! shared, threads started then do not exist in the workers. Such suites run with `--no-fork`.
 
 mod forker;
 pub mod frame;
@@ -331,7 +336,7 @@ impl WorkerPool {
 
         let (internal_tx, internal_rx) = mpsc::channel(256);
         let started = if config.fork {
-            launch.forked(&internal_tx).await?
+            launch.forked(&internal_tx)?
         } else {
             launch.spawned(&internal_tx)?
         };
@@ -570,7 +575,7 @@ impl Launch<'_> {
     }
 
     /// Starts the fork server, which collects once and forks the workers.
-    async fn forked(&self, internal: &mpsc::Sender<Internal>) -> Result<Started, WorkerError> {
+    fn forked(&self, internal: &mpsc::Sender<Internal>) -> Result<Started, WorkerError> {
         let config = self.config;
         // A stdout and a stderr pipe per worker: the read ends stay here, the write ends go to
         // the fork server, which hands each pair to its worker after the fork.

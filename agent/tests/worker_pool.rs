@@ -790,7 +790,11 @@ async fn a_fork_server_killed_midway_takes_its_workers_down() {
 
 /// Runs `crasher` then two fine tests on one worker, all handed over at once.
 async fn crash_run(fork: bool, crasher: &str) -> Harness {
-    let mut h = start(fork, "crash", &[], 1, &[]).await;
+    crash_run_with(fork, crasher, &[]).await
+}
+
+async fn crash_run_with(fork: bool, crasher: &str, args: &[&str]) -> Harness {
+    let mut h = start(fork, "crash", args, 1, &[]).await;
     let (tests, _, _) = h.collected().await;
     let work = plan(
         &tests,
@@ -832,6 +836,39 @@ async fn os_exit_in_a_test_is_reported_as_a_crash(fork: bool) {
     assert_eq!(h.record.exited[0].exit_code, 3);
     assert_eq!(h.record.exited[0].signal, 0);
     h.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn a_crash_report_quotes_what_the_test_printed_under_dash_s(fork: bool) {
+    // Without capturing, the test's output goes to the worker's own stderr, which the crash
+    // report quotes (a forked worker has its own, not the fork server's).
+    let mut h = crash_run_with(fork, "test_exits", &["-s"]).await;
+    let call = h.record.report(1, Phase::Call);
+    assert!(call.longrepr.contains("about to exit"), "{}", call.longrepr);
+    h.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn a_test_forking_leaves_one_worker_behind(fork: bool) {
+    let mut h = start(fork, "crash", &[], 1, &[]).await;
+    let (tests, _, _) = h.collected().await;
+    let work = plan(
+        &tests,
+        &[
+            "test_crash.py::test_forks_and_the_child_returns",
+            "test_crash.py::test_fine",
+        ],
+    );
+    h.run(work, &[2]).await;
+    h.shutdown(Duration::from_secs(30)).await;
+    let calls: Vec<(u64, &str)> = h
+        .record
+        .reports
+        .iter()
+        .filter(|(_, r)| r.phase == Phase::Call as i32)
+        .map(|(_, r)| (r.lease, r.outcome.as_str()))
+        .collect();
+    assert_eq!(calls, [(1, "passed"), (2, "passed")]);
+    assert_eq!(h.record.exited.len(), 1);
+    assert_eq!(h.record.exited[0].exit_code, 0, "{:?}", h.record.exited[0]);
 }
 
 async fn a_segfault_in_a_test_is_reported_as_a_crash(fork: bool) {
@@ -1061,6 +1098,8 @@ in_both_modes!(
     a_worker_dying_before_collecting_fails_the_collection,
     each_worker_has_its_own_environment_session_and_output,
     os_exit_in_a_test_is_reported_as_a_crash,
+    a_crash_report_quotes_what_the_test_printed_under_dash_s,
+    a_test_forking_leaves_one_worker_behind,
     a_segfault_in_a_test_is_reported_as_a_crash,
     a_message_about_a_lease_never_given_stops_the_worker,
     garbage_on_the_channel_stops_the_worker,
@@ -1085,12 +1124,14 @@ fn tiny_suite(dir: &Path, files: usize, per_file: usize) {
 }
 
 /// Wall time and CPU time (of this process, and of the Python processes it waited for) of
-/// one run.
-#[derive(Debug, Clone, Copy)]
+/// one run; for a pool also when the collection arrived and when the last test finished.
+#[derive(Debug, Clone, Copy, Default)]
 struct Sample {
     wall: Duration,
     agent_cpu: Duration,
     python_cpu: Duration,
+    collected: Duration,
+    tests_done: Duration,
 }
 
 fn cpu_times() -> (Duration, Duration) {
@@ -1105,29 +1146,43 @@ fn cpu_times() -> (Duration, Duration) {
     (used(libc::RUSAGE_SELF), used(libc::RUSAGE_CHILDREN))
 }
 
-async fn measure<F: std::future::Future<Output = ()>>(run: F) -> Sample {
+async fn measure<F>(run: F) -> Sample
+where
+    F: std::future::Future<Output = (Duration, Duration)>,
+{
     let (agent, python) = cpu_times();
     let started = std::time::Instant::now();
-    run.await;
+    let (collected, tests_done) = run.await;
     let wall = started.elapsed();
     let (agent_after, python_after) = cpu_times();
     Sample {
         wall,
         agent_cpu: agent_after - agent,
         python_cpu: python_after - python,
+        collected,
+        tests_done,
     }
 }
 
 /// Runs the whole suite on a pool, handing out `batch` tests per request, from the start of
-/// the pool to the last worker's exit.
-async fn run_on_pool(dir: &Path, workers: u32, fork: bool, batch: usize) {
+/// the pool to the last worker's exit; returns when the collection arrived and when the last
+/// test finished.
+async fn run_on_pool(
+    dir: &Path,
+    workers: u32,
+    fork: bool,
+    batch: usize,
+    pyc: &str,
+) -> (Duration, Duration) {
+    let started = std::time::Instant::now();
+    let mut collected = Duration::ZERO;
     let config = PoolConfig {
         python: python(),
         workdir: dir.to_path_buf(),
         pytest_args: Vec::new(),
         workers,
         run_id: "bench".into(),
-        extra_env: Vec::new(),
+        extra_env: vec![("PYTHONDONTWRITEBYTECODE".into(), pyc.into())],
         fork,
     };
     let (tx, mut rx) = mpsc::channel(10_000);
@@ -1139,6 +1194,7 @@ async fn run_on_pool(dir: &Path, workers: u32, fork: bool, batch: usize) {
     while finished < total {
         match rx.recv().await.unwrap() {
             PoolEvent::Collected { tests, .. } => {
+                collected = started.elapsed();
                 total = tests.len();
                 queue = (0..tests.len() as u32).map(|i| (i as u64 + 1, i)).collect();
             }
@@ -1160,15 +1216,19 @@ async fn run_on_pool(dir: &Path, workers: u32, fork: bool, batch: usize) {
             other => panic!("unexpected {other:?}"),
         }
     }
+    let tests_done = started.elapsed();
     let shutdown = tokio::spawn(pool.shutdown(Duration::from_secs(30)));
     while rx.recv().await.is_some() {}
     shutdown.await.unwrap();
     assert_eq!(passed, total);
+    (collected, tests_done)
 }
 
-fn run_plain_pytest(dir: &Path) {
+/// `pyc`: the value of PYTHONDONTWRITEBYTECODE ("" lets Python and pytest cache bytecode).
+fn run_plain_pytest(dir: &Path, pyc: &str) {
     let status = std::process::Command::new(python())
         .args(["-m", "pytest", "-q"])
+        .env("PYTHONDONTWRITEBYTECODE", pyc)
         .current_dir(dir)
         .stdout(std::process::Stdio::null())
         .status()
@@ -1178,61 +1238,78 @@ fn run_plain_pytest(dir: &Path) {
 
 /// Not a check but a measurement: plain `pytest -q` against the pool (1 and 2 workers,
 /// forked and spawned, batches of 50) on 5,000 tests that only `assert True`, wall time from
-/// start to exit. Run it with `cargo test --release -p fly-agent --test worker_pool --
-/// --ignored --nocapture per_test_overhead` (`FLY_BENCH_ROUNDS`, default 3).
+/// start to exit, once with bytecode caching (the usual case: pytest reuses its rewritten test
+/// modules) and once with PYTHONDONTWRITEBYTECODE=1 (every collection rewrites them). Run it
+/// with `cargo test --release -p fly-agent --test worker_pool -- --ignored --nocapture
+/// per_test_overhead` (`FLY_BENCH_ROUNDS`, default 3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check; run it by name"]
 async fn per_test_overhead_against_plain_pytest() {
-    let dir = tempfile::Builder::new()
-        .prefix("fly-bench-")
-        .tempdir()
-        .unwrap();
-    tiny_suite(dir.path(), 50, 100);
-    // Warm up: assertion rewriting caches the test modules' bytecode (unless
-    // PYTHONDONTWRITEBYTECODE is set, which then costs every run the same).
-    run_plain_pytest(dir.path());
     let rounds: usize = std::env::var("FLY_BENCH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
-    let mut plain = Vec::new();
-    let mut pools: Vec<(u32, bool, Vec<Sample>)> = Vec::new();
-    for workers in [1, 2] {
-        for fork in [true, false] {
-            pools.push((workers, fork, Vec::new()));
+    for (pyc, label) in [("", "bytecode cached"), ("1", "PYTHONDONTWRITEBYTECODE=1")] {
+        let dir = tempfile::Builder::new()
+            .prefix("fly-bench-")
+            .tempdir()
+            .unwrap();
+        tiny_suite(dir.path(), 50, 100);
+        // Warm up (and fill the bytecode cache when there is one).
+        run_plain_pytest(dir.path(), pyc);
+        let mut plain = Vec::new();
+        let mut pools: Vec<(u32, bool, Vec<Sample>)> = Vec::new();
+        for workers in [1, 2] {
+            for fork in [true, false] {
+                pools.push((workers, fork, Vec::new()));
+            }
+        }
+        for _ in 0..rounds {
+            let plain_run = async {
+                run_plain_pytest(dir.path(), pyc);
+                (Duration::ZERO, Duration::ZERO)
+            };
+            plain.push(measure(plain_run).await);
+            for (workers, fork, samples) in pools.iter_mut() {
+                let run = run_on_pool(dir.path(), *workers, *fork, 50, pyc);
+                samples.push(measure(run).await);
+            }
+        }
+        println!("5,000 tiny tests, {label}, {rounds} rounds, interleaved");
+        report_line("plain pytest -q", &plain, &plain);
+        for (workers, fork, samples) in &pools {
+            let mode = if *fork { "forked" } else { "spawned" };
+            report_line(
+                &format!("pool: {workers} {mode} worker(s)"),
+                samples,
+                &plain,
+            );
         }
     }
-    for _ in 0..rounds {
-        plain.push(measure(async { run_plain_pytest(dir.path()) }).await);
-        for (workers, fork, samples) in pools.iter_mut() {
-            samples.push(measure(run_on_pool(dir.path(), *workers, *fork, 50)).await);
-        }
-    }
-    let median = |samples: &[Sample], of: fn(&Sample) -> Duration| {
-        let mut values: Vec<Duration> = samples.iter().map(of).collect();
-        values.sort();
-        values[values.len() / 2]
-    };
-    let line = |name: String, samples: &[Sample]| {
-        let wall = median(samples, |s| s.wall);
-        let best = samples.iter().map(|s| s.wall).min().unwrap();
-        let plain_wall = median(&plain, |s| s.wall);
-        let plain_best = plain.iter().map(|s| s.wall).min().unwrap();
-        println!(
-            "{name:<28} wall median {:>6.2}s ({:.2} x plain), best {:>6.2}s ({:.2} x plain); \
-             cpu median: python {:>6.2}s, agent {:>5.2}s",
-            wall.as_secs_f64(),
-            wall.as_secs_f64() / plain_wall.as_secs_f64(),
-            best.as_secs_f64(),
-            best.as_secs_f64() / plain_best.as_secs_f64(),
-            median(samples, |s| s.python_cpu).as_secs_f64(),
-            median(samples, |s| s.agent_cpu).as_secs_f64(),
-        );
-    };
-    println!("5,000 tiny tests, {rounds} rounds, interleaved");
-    line("plain pytest -q".into(), &plain);
-    for (workers, fork, samples) in &pools {
-        let mode = if *fork { "forked" } else { "spawned" };
-        line(format!("pool: {workers} {mode} worker(s)"), samples);
-    }
+}
+
+fn median(samples: &[Sample], of: fn(&Sample) -> Duration) -> Duration {
+    let mut values: Vec<Duration> = samples.iter().map(of).collect();
+    values.sort();
+    values[values.len() / 2]
+}
+
+fn report_line(name: &str, samples: &[Sample], plain: &[Sample]) {
+    let wall = median(samples, |s| s.wall);
+    let best = samples.iter().map(|s| s.wall).min().unwrap();
+    let plain_wall = median(plain, |s| s.wall);
+    let plain_best = plain.iter().map(|s| s.wall).min().unwrap();
+    println!(
+        "{name:<28} wall median {:>6.2}s ({:.2} x plain), best {:>6.2}s ({:.2} x plain); \
+         cpu median: python {:>6.2}s, agent {:>5.2}s; median collected at {:.2}s, tests done at \
+         {:.2}s",
+        wall.as_secs_f64(),
+        wall.as_secs_f64() / plain_wall.as_secs_f64(),
+        best.as_secs_f64(),
+        best.as_secs_f64() / plain_best.as_secs_f64(),
+        median(samples, |s| s.python_cpu).as_secs_f64(),
+        median(samples, |s| s.agent_cpu).as_secs_f64(),
+        median(samples, |s| s.collected).as_secs_f64(),
+        median(samples, |s| s.tests_done).as_secs_f64(),
+    );
 }

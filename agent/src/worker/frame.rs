@@ -1,5 +1,7 @@
 //! The agent <-> pytest worker wire format: length-prefixed JSON frames and their typed
-//! messages (protocol version 1, written down in the worker protocol notes).
+//! messages (protocol version 1 is written down in the worker protocol notes; version 2 adds
+//! the xdist_group name to each collected test and the fork server: its hello says
+//! `"forker":true`, and it sends `forked`, `reaped` and `forkfailed`).
 //!
 //! Decoding is a pure function of the bytes so it can be fuzzed: whatever a worker (or a
 //! plugin printing into the wrong place) sends, the result is a message or a `FrameError`.
@@ -8,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The worker protocol version this agent speaks; the worker's hello must carry the same.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts. The worker cuts captured output so reports stay below it.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
