@@ -9,17 +9,24 @@ the protocol travels only on the socket (agent/src/worker/frame.rs has the Rust 
 Two ways to start: with FLY_WORKER_ID the process is one worker. With FLY_WORKER_FORK=N it is
 the fork server: it collects once, reports the collection, then forks N workers (each connects
 on its own and runs the same loop as above) and stays behind as a small supervisor that reports
-how each of them ended (agent/src/worker.rs explains why).
+how each of them ended and forks a replacement when the agent asks for one (agent/src/worker.rs
+explains why).
+
+With FLY_WORKER_TIMEOUT=SECONDS every test runs under a fault handler timer: when a test runs
+longer, the stack of every thread is written to this worker's dump file in FLY_WORKER_DUMP_DIR,
+where the agent reads it before it kills the worker.
 
 Only the standard library and pytest (7, 8 or 9) are used.
 """
 
 import collections
+import faulthandler
 import gc
 import io
 import json
 import os
 import platform
+import queue
 import signal
 import socket
 import struct
@@ -31,7 +38,7 @@ import warnings
 
 import pytest
 
-PROTOCOL = 2
+PROTOCOL = 3
 # Both directions refuse frames larger than this; the agent treats a larger one as a crash.
 MAX_FRAME = 64 * 1024 * 1024
 # Captured output, longrepr and message are cut to this many UTF-8 bytes (keeping the end, where
@@ -140,6 +147,32 @@ class Channel:
             raise ValueError("frame of %d bytes is over the limit" % size)
         data = self.rfile.read(size)
         if len(data) < size:
+            return None
+        return json.loads(data.decode("utf-8"))
+
+    def _recv_exact(self, size):
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def recv_unbuffered(self):
+        """Like `recv`, without the buffered reader.
+
+        The fork server reads on a thread while its main thread forks; a buffered reader's lock
+        taken by that thread would stay locked forever in the child, which closes the reader.
+        """
+        header = self._recv_exact(HEADER.size)
+        if header is None:
+            return None
+        (size,) = HEADER.unpack(header)
+        if size > MAX_FRAME:
+            raise ValueError("frame of %d bytes is over the limit" % size)
+        data = self._recv_exact(size) if size else b""
+        if data is None:
             return None
         return json.loads(data.decode("utf-8"))
 
@@ -258,33 +291,42 @@ def _identity(fd):
 class ForkPlan:
     """What the fork server needs to start its workers.
 
-    `outputs` holds, per worker, the write ends of the stdout and stderr pipes the agent made
-    for it; `stdout`/`stderr` identify this process's own output pipes, so that every
-    descriptor pointing at them (pytest keeps duplicates for capturing and for faulthandler)
-    can be pointed at the worker's pipes after the fork.
+    `outputs` holds pairs of write ends of stdout and stderr pipes the agent made: the first
+    `count` for the first workers, the rest spares for replacements of crashed workers (the
+    agent names the pair with each fork it asks for). `stdout`/`stderr` identify this process's
+    own output pipes, so that every descriptor pointing at them (pytest keeps duplicates for
+    capturing and for faulthandler) can be pointed at the worker's pipes after the fork.
     """
 
     def __init__(self, count, fds):
-        if count < 1 or len(fds) != 2 * count:
+        if count < 1 or len(fds) < 2 * count or len(fds) % 2:
             raise ValueError("FLY_WORKER_OUTPUT must name two descriptors per worker")
         self.count = count
-        self.fds = fds
-        self.outputs = [(fds[2 * i], fds[2 * i + 1]) for i in range(count)]
+        self.outputs = [(fds[2 * i], fds[2 * i + 1]) for i in range(len(fds) // 2)]
+        # The descriptors still open here: a closed number may be reused for something else.
+        self.open = set(fds)
         for fd in fds:
             # Only the forked workers may hold these, not whatever the collection starts.
             os.set_inheritable(fd, False)
         self.stdout = _identity(1)
         self.stderr = _identity(2)
 
-    def rewire(self, worker):
-        """Points every descriptor of the fork server's stdout/stderr at this worker's pipes."""
-        out, err = self.outputs[worker]
+    def usable(self, output):
+        return (
+            isinstance(output, int)
+            and 0 <= output < len(self.outputs)
+            and all(fd in self.open for fd in self.outputs[output])
+        )
+
+    def rewire(self, output):
+        """Points every descriptor of the fork server's stdout/stderr at the pipes `output`."""
+        out, err = self.outputs[output]
         try:
             fds = [int(name) for name in os.listdir("/dev/fd")]
         except (OSError, ValueError):
             fds = range(1024)
         for fd in fds:
-            if fd in self.fds:
+            if fd in self.open:
                 continue
             ident = _identity(fd)
             if ident is None:
@@ -298,12 +340,23 @@ class ForkPlan:
             os.dup2(target, fd, inheritable=os.get_inheritable(fd))
         self.close()
 
+    def close_pair(self, output):
+        """The fork server's copies of a pair a worker now holds: its pipes end with it."""
+        for fd in self.outputs[output]:
+            if fd in self.open:
+                self.open.discard(fd)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
     def close(self):
-        for fd in self.fds:
+        for fd in sorted(self.open):
             try:
                 os.close(fd)
             except OSError:
                 pass
+        self.open.clear()
 
 
 class FlyWorkerPlugin:
@@ -313,10 +366,16 @@ class FlyWorkerPlugin:
     a long test runs); the main thread runs tests. They share the queue under `cond`.
     """
 
-    def __init__(self, channel, token, plan=None):
+    def __init__(self, channel, token, plan=None, timeout=None, dump_dir=None):
         self.channel = channel
         self.token = token
         self.plan = plan
+        # Seconds a test may run (None: no limit), and where the stacks go when it runs longer.
+        self.timeout = timeout
+        self.dump_dir = dump_dir
+        # Under a timeout every report goes out at once, so the agent knows which phase a test
+        # that runs out of time is in (a setup that hangs is an error in setup).
+        self.flush_reports = timeout is not None
         self.cond = threading.Condition()
         self.queue = collections.deque()  # (lease, index) not started yet, in order
         self.nomore = False
@@ -451,15 +510,31 @@ class FlyWorkerPlugin:
     # --- forking ---------------------------------------------------------------------------
 
     def _fork_workers(self, session):
-        """Forks the workers; returns in each worker, never in the fork server itself."""
+        """Forks the workers, then supervises them; returns only in a worker."""
         plan = self.plan
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except Exception:
                 pass
+        # Worker pids to worker ids, shared with the reaper thread under `cond`.
         children = {}
+        cond = threading.Condition(threading.Lock())
         for worker in range(plan.count):
+            if self._fork_one(session, worker, worker, worker, children, cond):
+                return
+        for worker in range(plan.count):
+            plan.close_pair(worker)
+        self._supervise(session, children, cond)
+
+    def _fork_one(self, session, worker, slot, output, children, cond):
+        """Forks worker `worker` (PYTEST_XDIST_WORKER=gw<slot>, output pipes `output`).
+
+        Returns True in the new worker, False in the fork server. `cond` is held from the fork
+        until the agent has been told the pid, so the reaper cannot report the end of a worker
+        before its start.
+        """
+        with cond:
             try:
                 with warnings.catch_warnings():
                     # Python 3.12+ warns when forking with threads running; under -W error that
@@ -469,28 +544,28 @@ class FlyWorkerPlugin:
             except OSError as exc:
                 self.channel.send({"type": "forkfailed", "worker": worker, "error": str(exc)})
                 self.channel.flush()
-                continue
-            if pid == 0:
+                return False
+            if pid != 0:
                 try:
-                    self._become_worker(session, worker)
-                except BaseException:
-                    # Nothing of the session may go on in a half-made worker.
-                    traceback.print_exc()
-                    _die("could not start worker %d after the fork" % worker)
-                return
-            try:
-                # Also done by the child: whoever runs first, the group exists before the agent
-                # hears of the pid.
-                os.setpgid(pid, pid)
-            except OSError:
-                pass
-            children[pid] = worker
-            self.channel.send({"type": "forked", "worker": worker, "pid": pid})
-            self.channel.flush()
-        plan.close()
-        self._supervise(children)
+                    # Also done by the child: whoever runs first, the group exists before the
+                    # agent hears of the pid.
+                    os.setpgid(pid, pid)
+                except OSError:
+                    pass
+                children[pid] = worker
+                self.channel.send({"type": "forked", "worker": worker, "pid": pid})
+                self.channel.flush()
+                cond.notify_all()
+                return False
+        try:
+            self._become_worker(session, worker, slot, output)
+        except BaseException:
+            # Nothing of the session may go on in a half-made worker.
+            traceback.print_exc()
+            _die("could not start worker %d after the fork" % worker)
+        return True
 
-    def _become_worker(self, session, worker):
+    def _become_worker(self, session, worker, slot, output):
         """Turns a freshly forked child into worker `worker` with its own output and channel."""
         plan = self.plan
         try:
@@ -500,8 +575,8 @@ class FlyWorkerPlugin:
         except OSError:
             pass
         os.environ["FLY_WORKER_ID"] = str(worker)
-        os.environ["PYTEST_XDIST_WORKER"] = "gw%d" % worker
-        plan.rewire(worker)
+        os.environ["PYTEST_XDIST_WORKER"] = "gw%d" % slot
+        plan.rewire(output)
         self.channel.drop()
         self.channel = Channel(os.environ["FLY_WORKER_SOCKET"])
         _hello(self.channel, worker, self.token)
@@ -515,36 +590,96 @@ class FlyWorkerPlugin:
             capman.suspend_global_capture()
         self.start_reader()
 
-    def _supervise(self, children):
-        """The fork server's last job: report how each worker ended, then leave."""
-        channel = self.channel
+    def _supervise(self, session, children, cond):
+        """The fork server's last job: report how each worker ended, fork the replacements the
+        agent asks for, and leave once the agent needs no more forks and every worker ended.
 
-        def watch_agent():
-            # The agent sends nothing here; the end of the connection means it is gone.
+        Returns only in a replacement worker. Forks happen on this (the main) thread, the only
+        one a child keeps, so a replacement can return into pytest's run loop; a reader thread
+        takes the agent's requests and a reaper thread waits for the workers.
+        """
+        channel = self.channel
+        plan = self.plan
+        events = queue.Queue()
+
+        def read_agent():
             try:
-                while channel.recv() is not None:
-                    pass
+                while True:
+                    msg = channel.recv_unbuffered()
+                    if msg is None:
+                        break
+                    events.put(("agent", msg))
             except Exception:
                 pass
-            for pid in list(children):
+            events.put(("gone", None))
+
+        def reap():
+            while True:
+                with cond:
+                    while not children:
+                        cond.wait()
+                try:
+                    pid, status = os.waitpid(-1, 0)
+                except ChildProcessError:
+                    # Something reaped them behind our back: nobody can say how they ended.
+                    with cond:
+                        lost = list(children.items())
+                        children.clear()
+                        for pid, worker in lost:
+                            try:
+                                os.killpg(pid, signal.SIGKILL)
+                            except OSError:
+                                pass
+                            channel.send({"type": "reaped", "worker": worker, "status": signal.SIGKILL})
+                        channel.flush()
+                    events.put(("reaped", None))
+                    continue
+                with cond:
+                    worker = children.pop(pid, None)
+                    if worker is not None:
+                        channel.send({"type": "reaped", "worker": worker, "status": status})
+                        channel.flush()
+                # Anything else is something the collection started; not a worker.
+                if worker is not None:
+                    events.put(("reaped", None))
+
+        def kill_all():
+            with cond:
+                pids = list(children)
+            for pid in pids:
                 try:
                     os.killpg(pid, signal.SIGKILL)
                 except OSError:
                     pass
-            os._exit(1)
 
-        threading.Thread(target=watch_agent, name="fly-fork-server", daemon=True).start()
-        while children:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
-            worker = children.pop(pid, None)
-            if worker is None:
-                # Something the collection started; not a worker.
+        threading.Thread(target=read_agent, name="fly-fork-server-agent", daemon=True).start()
+        threading.Thread(target=reap, name="fly-fork-server-reaper", daemon=True).start()
+        done = False
+        while True:
+            with cond:
+                if done and not children:
+                    break
+            kind, msg = events.get()
+            if kind == "gone":
+                # The agent is gone: nobody could report on the workers or use their reports.
+                kill_all()
+                os._exit(1)
+            if kind != "agent":
                 continue
-            channel.send({"type": "reaped", "worker": worker, "status": status})
-            channel.flush()
+            what = msg.get("type") if isinstance(msg, dict) else None
+            if what == "fork":
+                worker, slot, output = msg.get("worker"), msg.get("slot"), msg.get("output")
+                if not (isinstance(worker, int) and isinstance(slot, int) and plan.usable(output)):
+                    kill_all()
+                    _die("bad fork request from the agent: %r" % (msg,))
+                if self._fork_one(session, worker, slot, output, children, cond):
+                    return
+                plan.close_pair(output)
+            elif what == "done":
+                done = True
+            else:
+                kill_all()
+                _die("unexpected message for the fork server: %r" % (msg,))
         # Nothing of pytest's session end may run here: each worker ran its own.
         os._exit(0)
 
@@ -615,6 +750,9 @@ class FlyWorkerPlugin:
         pid = _pid()
         # pytest's own loop calls the hook this way (item.ihook looks up conftests per test).
         protocol = session.config.hook.pytest_runtest_protocol
+        timeout = self.timeout
+        dump = self._open_dump() if timeout else None
+        began = 0.0
         while True:
             with cond:
                 # A test starts only when the test after it is known (or known not to exist),
@@ -633,12 +771,26 @@ class FlyWorkerPlugin:
             if self.stack_for is not None and self.stack_for is not item:
                 self.fixup_for = item
             self.current = (lease, index)
+            if dump is not None:
+                # The fault handler's own thread writes the stacks without needing the GIL, so
+                # the dump comes even from a test stuck in C code.
+                faulthandler.dump_traceback_later(timeout, repeat=False, file=dump, exit=False)
+                began = time.monotonic()
             channel.send(None, (START % (lease, index, time.time())).encode())
             channel.flush()
             protocol(item=item, nextitem=nextitem)
             if _pid() != pid:
                 # A test forked and its child came back here: it must not act as the worker.
                 os._exit(0)
+            if dump is not None:
+                faulthandler.cancel_dump_traceback_later()
+                if time.monotonic() - began >= timeout:
+                    # It finished just in time: its dump must not pass for the next test's.
+                    try:
+                        dump.seek(0)
+                        dump.truncate()
+                    except OSError:
+                        pass
             self.current = None
             # pytest tears everything down when a plugin asked the session to stop; -x and
             # --maxfail themselves belong to the coordinator, so the loop goes on.
@@ -647,6 +799,18 @@ class FlyWorkerPlugin:
             else:
                 self.stack_for = nextitem
             channel.send(None, (FINISHED % (lease, index)).encode())
+
+    def _open_dump(self):
+        """This worker's file for the stacks of a test that runs out of time (the agent reads
+        it as `stack-<worker id>.txt`), or None when it cannot be made."""
+        if not self.dump_dir:
+            return None
+        path = os.path.join(self.dump_dir, "stack-%s.txt" % os.environ.get("FLY_WORKER_ID", "0"))
+        try:
+            return open(path, "wb", buffering=0)
+        except OSError as exc:
+            sys.stderr.write("fly worker: cannot open %s for stack dumps: %s\n" % (path, exc))
+            return None
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item):
@@ -695,8 +859,12 @@ class FlyWorkerPlugin:
             if duration - duration == 0.0 and start - start == 0.0 and stop - stop == 0.0:
                 data = PLAIN_REPORT % (lease, index, phase, outcome, category, duration, start, stop)
                 self.channel.send(None, data.encode())
+                if self.flush_reports:
+                    self.channel.flush()
                 return
         self._send_report(report, lease, index, str(category))
+        if self.flush_reports:
+            self.channel.flush()
 
     def _send_report(self, report, lease, index, category):
         try:
@@ -745,6 +913,10 @@ def main():
         else:
             plan = None
             worker = int(os.environ["FLY_WORKER_ID"])
+        timeout = float(os.environ.get("FLY_WORKER_TIMEOUT") or 0) or None
+        if timeout is not None and not 0 < timeout < float("inf"):
+            raise ValueError("FLY_WORKER_TIMEOUT must be a positive number of seconds")
+        dump_dir = os.environ.get("FLY_WORKER_DUMP_DIR")
     except (KeyError, ValueError, OSError) as exc:
         sys.stderr.write("fly_worker.py is started by the fly agent, not by hand (%s)\n" % exc)
         return 3
@@ -757,7 +929,7 @@ def main():
     # pytest names itself after argv[0] in its usage messages; say "pytest", as the console
     # script would, not this file's name.
     sys.argv[0] = "pytest"
-    plugin = FlyWorkerPlugin(channel, token, plan)
+    plugin = FlyWorkerPlugin(channel, token, plan, timeout, dump_dir)
     if plan is None:
         plugin.start_reader()
     code = 3

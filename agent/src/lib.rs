@@ -1,11 +1,13 @@
 //! The fly agent: detects this machine's cores, connects to a coordinator, and serves its runs
 //! with persistent pytest worker processes.
 //!
-//! [`session`] speaks to the coordinator; [`worker`] runs and talks to the pytest workers (the
-//! Python side is `python/fly_worker.py`, shipped inside this binary); [`shutdown`] carries the
-//! stop signal. The coordinator embeds this library for `run --local`.
+//! [`session`] speaks to the coordinator, reached as [`connect`] says (URL, TLS trust, token);
+//! [`worker`] runs and talks to the pytest workers (the Python side is `python/fly_worker.py`,
+//! shipped inside this binary); [`shutdown`] carries the stop signal. The coordinator embeds
+//! this library for `run --local`.
 
 pub mod calibrate;
+pub mod connect;
 pub mod session;
 pub mod shutdown;
 pub mod worker;
@@ -14,11 +16,12 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use fly_common::topology::{self, Topology};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
+use crate::connect::{AttachToken, ConnectOptions};
 use crate::session::{Session, SessionEnd, SessionError};
 use crate::shutdown::Shutdown;
 
@@ -63,7 +66,13 @@ pub struct AgentConfig {
     pub workdir: PathBuf,
     pub python: PathBuf,
     pub labels: Vec<(String, String)>,
+    /// On the first stop signal, how long running tests may take to finish before they are
+    /// interrupted (unstarted work goes back to the coordinator at once).
+    pub drain_grace: Duration,
 }
+
+/// The default of `fly-agent --drain-grace`.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 /// The interpreter used when none is given: the active virtualenv's, else `python3` on PATH.
 pub fn default_python() -> PathBuf {
@@ -104,6 +113,8 @@ pub async fn serve_channel(
         // The one agent of `run --local` has no other machine to compare with, and its history
         // stays with this checkout: skip the calibration and start at once.
         speed: 1.0,
+        // The in-process coordinator asks no token.
+        auth: AttachToken::default(),
     };
     session.serve(channel, &mut shutdown).await?;
     Ok(())
@@ -111,12 +122,15 @@ pub async fn serve_channel(
 
 /// Connects to the coordinator at `url` and serves run after run, reconnecting with backoff
 /// when the coordinator goes away, until `shutdown` fires. A refusal (another protocol
-/// version) is final.
-pub async fn run(url: &str, config: &AgentConfig, mut shutdown: Shutdown) -> Result<()> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| {
-            format!("{url:?} is not a valid coordinator URL (expected http://HOST:PORT)")
-        })?
+/// version, a missing or wrong token) is final: retrying cannot change the answer.
+pub async fn run(
+    url: &str,
+    options: &ConnectOptions,
+    config: &AgentConfig,
+    mut shutdown: Shutdown,
+) -> Result<()> {
+    let endpoint = options
+        .endpoint(url)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
@@ -143,6 +157,7 @@ pub async fn run(url: &str, config: &AgentConfig, mut shutdown: Shutdown) -> Res
         topology: &topology,
         workers,
         speed,
+        auth: options.attach_token(),
     };
     let mut backoff = Duration::from_millis(500);
     loop {
@@ -154,7 +169,10 @@ pub async fn run(url: &str, config: &AgentConfig, mut shutdown: Shutdown) -> Res
                 backoff = Duration::from_millis(500);
                 session.serve(channel, &mut shutdown).await
             }
-            Err(err) => Err(SessionError::Lost(format!("cannot reach {url}: {err}"))),
+            Err(err) => Err(SessionError::Lost(format!(
+                "cannot reach {url}: {}",
+                connect::describe_connect_error(&err)
+            ))),
         };
         match outcome {
             Ok(SessionEnd::Stopped) => return Ok(()),

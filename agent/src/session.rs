@@ -15,14 +15,16 @@ use fly_common::proto::{
     TestStarted, WantWork, WorkerEvent, WorkerEvents, WorkerExited,
 };
 use fly_common::{topology::Topology, FLY_VERSION, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tracing::{error, info, warn};
 
+use crate::connect::AttachToken;
 use crate::shutdown::Shutdown;
-use crate::worker::{PoolConfig, PoolEvent, WorkerPool};
+use crate::worker::{PoolConfig, PoolEvent, WorkerPool, MAX_REPLACEMENTS};
 use crate::AgentConfig;
 
 /// Tests per `Collected` chunk: keeps each message far below the gRPC size limit.
@@ -31,10 +33,13 @@ const COLLECTION_CHUNK: usize = 5_000;
 const EVENT_BATCH: usize = 2_048;
 /// How long workers get to finish their session teardown at the end of a run.
 const END_GRACE: Duration = Duration::from_secs(30);
+/// After a drain, how long the agent waits for the coordinator to close the stream (which
+/// means it has read every report sent before the end).
+const GOODBYE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    /// The coordinator refused this agent (protocol version): retrying cannot help.
+    /// The coordinator refused this agent (protocol version, token): retrying cannot help.
     #[error("the coordinator refused this agent: {0}")]
     Rejected(String),
     #[error("lost the coordinator: {0}")]
@@ -53,13 +58,60 @@ pub enum SessionEnd {
 /// Everything the session knows about the run it serves.
 struct ActiveRun {
     run_id: String,
-    pool: WorkerPool,
+    /// None once the pool is stopping (in `stopping`).
+    pool: Option<WorkerPool>,
+    /// A pool being drained in a task of its own while its last events still flow.
+    stopping: Option<Stopping>,
     events: mpsc::Receiver<PoolEvent>,
     want_collection: bool,
     collection: Option<Vec<CollectedTest>>,
     digest: String,
     deselected: u32,
     workers: u32,
+}
+
+/// A draining pool's task, and the way to cut its grace period short.
+struct Stopping {
+    task: JoinHandle<()>,
+    hurry: Option<oneshot::Sender<()>>,
+}
+
+impl ActiveRun {
+    /// Drains the pool (unstarted tests go back, running ones get `grace`) in a task of its
+    /// own, so that the session keeps forwarding its events meanwhile.
+    fn drain(&mut self, grace: Duration) {
+        if let Some(pool) = self.pool.take() {
+            let (hurry, hurried) = oneshot::channel::<()>();
+            let task = tokio::spawn(pool.drain(grace, async move {
+                let _ = hurried.await;
+            }));
+            self.stopping = Some(Stopping {
+                task,
+                hurry: Some(hurry),
+            });
+        }
+    }
+
+    /// Cuts a drain short: running tests are interrupted now.
+    fn hurry(&mut self) {
+        if let Some(hurry) = self.stopping.as_mut().and_then(|s| s.hurry.take()) {
+            let _ = hurry.send(());
+        }
+    }
+
+    /// Stops the pool: a running one gets `grace`; a draining one finishes its drain, or is
+    /// hurried when `hurry`.
+    async fn stop(mut self, grace: Duration, hurry: bool) {
+        if let Some(pool) = self.pool.take() {
+            pool.shutdown(grace).await;
+        }
+        if hurry {
+            self.hurry();
+        }
+        if let Some(stopping) = self.stopping.take() {
+            let _ = stopping.task.await;
+        }
+    }
 }
 
 pub struct Session<'a> {
@@ -70,6 +122,8 @@ pub struct Session<'a> {
     pub workers: u32,
     /// Relative speed of this machine's cores (1.0 = the reference machine).
     pub speed: f64,
+    /// Puts the farm's token on the join call.
+    pub auth: AttachToken,
 }
 
 impl Session<'_> {
@@ -97,13 +151,19 @@ impl Session<'_> {
             .send(message(agent_message::Kind::Hello(hello)))
             .await
             .map_err(|_| SessionError::Lost("outbound stream closed".into()))?;
-        let mut client = AgentsClient::new(channel)
+        let mut client = AgentsClient::with_interceptor(channel, self.auth.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let mut inbound = client
             .join(ReceiverStream::new(out_rx))
             .await
-            .map_err(|status| SessionError::Lost(status.message().to_string()))?
+            .map_err(|status| match status.code() {
+                // A missing or wrong token stays wrong however often the agent retries.
+                tonic::Code::Unauthenticated => {
+                    SessionError::Rejected(status.message().to_string())
+                }
+                _ => SessionError::Lost(status.message().to_string()),
+            })?
             .into_inner();
         match inbound.next().await {
             Some(Ok(CoordinatorMessage {
@@ -127,7 +187,16 @@ impl Session<'_> {
         info!(workers = self.workers, "connected to the coordinator");
 
         let mut active: Option<ActiveRun> = None;
+        // The first stop signal drains: no new work or runs, unstarted tests go back, running
+        // tests may finish; the session ends once the pool has stopped. A second one hurries.
+        let mut draining = false;
+        let mut hurried = false;
+        let mut now_signal = shutdown.clone();
+        let grace = self.config.drain_grace;
         let end = loop {
+            if draining && active.is_none() {
+                break Ok(SessionEnd::Stopped);
+            }
             let event = async {
                 match active.as_mut() {
                     Some(run) => run.events.recv().await,
@@ -137,27 +206,60 @@ impl Session<'_> {
             tokio::select! {
                 incoming = inbound.next() => match incoming {
                     Some(Ok(msg)) => {
-                        if let Err(err) = self.on_message(msg, &mut active, &out_tx).await {
+                        if let Err(err) = self.on_message(msg, &mut active, &out_tx, draining).await {
                             break Err(err);
                         }
                     }
                     Some(Err(status)) => break Err(SessionError::Lost(status.message().to_string())),
                     None => break Ok(SessionEnd::CoordinatorClosed),
                 },
-                Some(first) = event => {
-                    if let Some(run) = active.as_mut() {
-                        if let Err(err) = forward_events(run, first, &out_tx).await {
-                            break Err(err);
+                event = event => match event {
+                    Some(first) => {
+                        if let Some(run) = active.as_mut() {
+                            if let Err(err) = forward_events(run, first, &out_tx, grace).await {
+                                break Err(err);
+                            }
                         }
                     }
+                    // The pool has stopped and everything it said was forwarded.
+                    None => {
+                        if let Some(run) = active.take() {
+                            run.stop(Duration::ZERO, false).await;
+                        }
+                    }
+                },
+                _ = shutdown.recv(), if !draining => {
+                    draining = true;
+                    if let Some(run) = active.as_mut() {
+                        info!(
+                            run = %run.run_id,
+                            "draining: unstarted tests go back, running tests get {} s",
+                            grace.as_secs_f64()
+                        );
+                        run.drain(grace);
+                    }
                 }
-                _ = shutdown.recv() => break Ok(SessionEnd::Stopped),
+                _ = now_signal.recv_now(), if draining && !hurried => {
+                    hurried = true;
+                    if let Some(run) = active.as_mut() {
+                        run.hurry();
+                    }
+                }
             }
         };
         if let Some(run) = active.take() {
             // The coordinator is gone or we are stopping: the run's tests go back to the
             // queue there; do not leave workers behind here.
-            run.pool.shutdown(Duration::from_secs(2)).await;
+            run.stop(Duration::from_secs(2), true).await;
+        }
+        if matches!(end, Ok(SessionEnd::Stopped)) {
+            // A clean goodbye: once the coordinator has read our end of the stream (and so
+            // every report before it), it closes its end.
+            drop(out_tx);
+            let _ = tokio::time::timeout(GOODBYE_WAIT, async {
+                while let Some(Ok(_)) = inbound.next().await {}
+            })
+            .await;
         }
         end
     }
@@ -167,6 +269,7 @@ impl Session<'_> {
         msg: CoordinatorMessage,
         active: &mut Option<ActiveRun>,
         out: &mpsc::Sender<AgentMessage>,
+        draining: bool,
     ) -> Result<(), SessionError> {
         let Some(kind) = msg.kind else {
             return Ok(());
@@ -177,9 +280,14 @@ impl Session<'_> {
                 return Err(SessionError::Rejected(reject.reason));
             }
             coordinator_message::Kind::StartRun(start) => {
+                if draining {
+                    // The agent leaves as soon as its current run has stopped.
+                    info!(run = %start.run_id, "not starting a run: the agent is draining");
+                    return Ok(());
+                }
                 if let Some(previous) = active.take() {
                     warn!(run = %previous.run_id, "a new run started before the last one ended");
-                    previous.pool.shutdown(Duration::from_secs(2)).await;
+                    previous.stop(Duration::from_secs(2), true).await;
                 }
                 *active = self.start_run(start, out).await?;
             }
@@ -195,11 +303,15 @@ impl Session<'_> {
                 let Some(run) = active.as_ref().filter(|r| r.run_id == work.run_id) else {
                     return Ok(());
                 };
+                let Some(pool) = run.pool.as_ref() else {
+                    // The pool is draining: work that crossed it goes straight back.
+                    return give_back(run, work.assignments, out).await;
+                };
                 for assignment in work.assignments {
                     let result = if assignment.leases.is_empty() {
-                        run.pool.no_more(assignment.worker)
+                        pool.no_more(assignment.worker)
                     } else {
-                        run.pool.assign(
+                        pool.assign(
                             assignment.worker,
                             assignment
                                 .leases
@@ -215,8 +327,13 @@ impl Session<'_> {
                 }
             }
             coordinator_message::Kind::Revoke(revoke) => {
-                if let Some(run) = active.as_ref().filter(|r| r.run_id == revoke.run_id) {
-                    if let Err(err) = run.pool.revoke(revoke.worker, revoke.leases) {
+                let pool = active
+                    .as_ref()
+                    .filter(|r| r.run_id == revoke.run_id)
+                    .and_then(|r| r.pool.as_ref());
+                // A draining pool has given back all it could already.
+                if let Some(pool) = pool {
+                    if let Err(err) = pool.revoke(revoke.worker, revoke.leases) {
                         warn!(worker = revoke.worker, %err, "could not take tests back from a worker");
                     }
                 }
@@ -227,12 +344,14 @@ impl Session<'_> {
                 }
                 if let Some(run) = active.take() {
                     if run.run_id == end.run_id {
+                        // A cancelled run stops now: its running tests are killed, not
+                        // awaited (the coordinator has given up on their results).
                         let grace = if end.cancelled {
-                            Duration::from_secs(2)
+                            Duration::ZERO
                         } else {
                             END_GRACE
                         };
-                        run.pool.shutdown(grace).await;
+                        run.stop(grace, end.cancelled).await;
                     } else {
                         *active = Some(run);
                     }
@@ -257,11 +376,17 @@ impl Session<'_> {
             run_id: start.run_id.clone(),
             extra_env: Vec::new(),
             fork: !start.no_fork,
+            // 0 (or nonsense) means no limit.
+            timeout: Duration::try_from_secs_f64(start.timeout_seconds)
+                .ok()
+                .filter(|timeout| !timeout.is_zero()),
+            max_replacements: MAX_REPLACEMENTS,
         };
         match WorkerPool::start(config, tx).await {
             Ok(pool) => Ok(Some(ActiveRun {
                 run_id: start.run_id,
-                pool,
+                pool: Some(pool),
+                stopping: None,
                 events: rx,
                 want_collection: start.want_collection,
                 collection: None,
@@ -341,12 +466,30 @@ async fn send_collection(
     Ok(())
 }
 
+/// Answers work handed to a draining pool: every lease goes back as if revoked.
+async fn give_back(
+    run: &ActiveRun,
+    assignments: Vec<fly_common::proto::Assignment>,
+    out: &mpsc::Sender<AgentMessage>,
+) -> Result<(), SessionError> {
+    let mut batch: Vec<WorkerEvent> = assignments
+        .into_iter()
+        .filter(|a| !a.leases.is_empty())
+        .map(|a| {
+            let leases = a.leases.iter().map(|l| l.lease).collect();
+            worker_event(a.worker, worker_event::Kind::Revoked(Revoked { leases }))
+        })
+        .collect();
+    flush_batch(run, &mut batch, out).await
+}
+
 /// Forwards one pool event, and every other one already waiting, in as few messages as
-/// possible.
+/// possible. An unhealthy pool is drained with `grace` for its running tests.
 async fn forward_events(
     run: &mut ActiveRun,
     first: PoolEvent,
     out: &mpsc::Sender<AgentMessage>,
+    grace: Duration,
 ) -> Result<(), SessionError> {
     let mut batch: Vec<WorkerEvent> = Vec::new();
     let mut next = Some(first);
@@ -422,6 +565,23 @@ async fn forward_events(
                     unstarted,
                 }),
             )),
+            PoolEvent::Replaced {
+                worker,
+                replacement,
+            } => info!(worker, replacement, "a crashed worker was replaced"),
+            PoolEvent::Unhealthy { reason } => {
+                flush_batch(run, &mut batch, out).await?;
+                error!("leaving run {}: {reason}", run.run_id);
+                send(
+                    out,
+                    agent_message::Kind::Unhealthy(fly_common::proto::AgentUnhealthy {
+                        run_id: run.run_id.clone(),
+                        reason,
+                    }),
+                )
+                .await?;
+                run.drain(grace);
+            }
         }
         if batch.len() >= EVENT_BATCH {
             flush_batch(run, &mut batch, out).await?;

@@ -40,15 +40,43 @@
 //! once, as worker 0 (`PYTEST_XDIST_WORKER=gw0`). Values a conftest computes from the
 //! environment at import time are worker 0's in every worker, connections opened then are
 //! shared, threads started then do not exist in the workers. Such suites run with `--no-fork`.
+//!
+//! # Crashes, timeouts and replacements
+//!
+//! A worker that dies while the run goes on (a segfault, `os._exit`, the OOM killer, a protocol
+//! error, or a test that ran past `PoolConfig::timeout`) has its running test reported failed
+//! by its supervisor and its unstarted tests listed in its `Exited` event (the coordinator
+//! queues them again). The pool then starts a replacement in the same slot (same
+//! `PYTEST_XDIST_WORKER=gwN`) under a new worker id, so the coordinator, which counts the old
+//! id as gone, sees a fresh worker asking for work: spawned, it is a new process that collects
+//! again (and must collect the same tests); forked, the fork server forks it from the collected
+//! session, writing to one of the spare pipe pairs the pool handed it at start (one per allowed
+//! replacement). After `PoolConfig::max_replacements` replacements the pool stops replacing:
+//! it reports `Unhealthy`, takes every worker's unstarted tests back (`Revoked`) and lets the
+//! running ones finish.
+//!
+//! A test timeout is enforced by the supervisor, from the `start` the worker sends: at timeout
+//! plus [`TIMEOUT_GRACE`] it reads the stacks the worker's fault handler wrote into its dump
+//! file at the timeout (every thread's), kills the worker's process group and reports the test
+//! failed with them (an error, if it was still in setup or already in teardown).
+//!
+//! # Stopping
+//!
+//! `shutdown` asks every worker to finish its current test and leave; `drain` first takes back
+//! every unstarted test (answered with `Revoked`), returns work handed over later at once, and
+//! reports a test still running when the grace period ends as interrupted.
 
 mod forker;
 pub mod frame;
 mod supervisor;
 mod tail;
 
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -60,13 +88,13 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub use frame::{decode_frame, FrameError, WorkerMessage};
 
-use forker::{Forked, Forker};
+use forker::{Forked, Forker, ForkerCommand};
 use frame::{read_frame, PROTOCOL_VERSION};
-use supervisor::{Command, Process, Supervisor};
+use supervisor::{Command, Process, Supervisor, SupervisorOptions};
 use tail::Output;
 
 /// The worker script, shipped inside the agent binary.
@@ -78,6 +106,15 @@ const HELLO_WAIT: Duration = Duration::from_secs(60);
 /// After the shutdown grace ran out and the workers were killed, how long to wait for their
 /// supervisors to report the ends before giving up on them.
 const AFTER_KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// How many crashed (or timed out) workers a pool replaces in one run before it reports the
+/// agent unhealthy: a suite that keeps killing its workers would otherwise fork forever, and a
+/// machine that keeps killing them (memory, a broken interpreter) should stop taking work.
+pub const MAX_REPLACEMENTS: u32 = 8;
+
+/// How long after a test's timeout the agent waits for the worker's own stack dump before it
+/// kills the worker (the fault handler writes it at the timeout itself).
+pub const TIMEOUT_GRACE: Duration = Duration::from_secs(1);
 
 /// What the pool runs.
 #[derive(Debug, Clone)]
@@ -91,6 +128,11 @@ pub struct PoolConfig {
     /// Collect once in one process and fork the workers from it (see the module docs); else
     /// start every worker as its own Python process.
     pub fork: bool,
+    /// How long one test (setup, call and teardown) may run; None: as long as it takes.
+    pub timeout: Option<Duration>,
+    /// Crashed workers replaced before the pool gives up ([`MAX_REPLACEMENTS`] for the agent).
+    /// With forked workers each allowed replacement holds a spare pipe pair from the start.
+    pub max_replacements: u32,
 }
 
 /// What happens in the pool, in order per worker.
@@ -125,7 +167,8 @@ pub enum PoolEvent {
         lease: u64,
         test_index: u32,
     },
-    /// Answer to `revoke`: the leases actually taken back (never started).
+    /// Answer to `revoke` (or work given back by a draining worker): the leases actually taken
+    /// back (never started).
     Revoked { worker: u32, leases: Vec<u64> },
     /// The worker process ended (shutdown, or a crash). `unstarted` = leases it held but never
     /// started. `exit_code` is -1 and `signal` non-zero when a signal ended it.
@@ -136,6 +179,12 @@ pub enum PoolEvent {
         reason: String,
         unstarted: Vec<u64>,
     },
+    /// `worker` crashed and `replacement`, a new worker in its slot, is starting; it asks for
+    /// work once it is ready.
+    Replaced { worker: u32, replacement: u32 },
+    /// Too many workers crashed (or a crashed one could not be replaced): the pool replaces no
+    /// more, has taken back every unstarted test (`Revoked`) and lets the running ones finish.
+    Unhealthy { reason: String },
 }
 
 /// Why the pool could not do what it was asked.
@@ -196,13 +245,33 @@ pub(crate) enum Internal {
         deselected: u32,
     },
     /// The worker is gone; `exit` is its `PoolEvent::Exited`. `exit_code` and `output` describe
-    /// the failure if the worker never delivered a collection.
+    /// the failure if the worker never delivered a collection. `crashed`: it ended in a way
+    /// that calls for a replacement (not a clean end, not stopped by the pool).
     Ended {
         worker: u32,
         exit: PoolEvent,
         exit_code: i32,
         output: String,
+        crashed: bool,
     },
+}
+
+/// What kind of end the pool gave a process it killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KillKind {
+    /// It misbehaved (a protocol error, lingering, losing its fork server): a crash.
+    Broken,
+    /// Its test ran longer than the timeout.
+    Timeout,
+    /// The pool is stopping (shutdown, drain, drop): its test was interrupted, nothing crashed.
+    Stopped,
+}
+
+/// Why the pool killed a process.
+#[derive(Debug, Clone)]
+pub(crate) struct Kill {
+    pub(crate) kind: KillKind,
+    pub(crate) reason: String,
 }
 
 /// The part of a process that both its supervisor and the pool's kill paths touch.
@@ -212,7 +281,7 @@ pub(crate) struct Group {
     /// is known and once the process was reaped.
     pgid: Option<i32>,
     /// Why the pool killed the group (or will, as soon as its pgid is known), if it did.
-    kill_reason: Option<String>,
+    kill: Option<Kill>,
     /// The process ended: nothing is signalled any more.
     ended: bool,
 }
@@ -221,7 +290,7 @@ impl Group {
     fn new(pgid: Option<i32>) -> Arc<Mutex<Group>> {
         Arc::new(Mutex::new(Group {
             pgid,
-            kill_reason: None,
+            kill: None,
             ended: false,
         }))
     }
@@ -237,19 +306,22 @@ fn signal_group(pgid: Option<i32>) {
     }
 }
 
-fn lock(group: &Mutex<Group>) -> std::sync::MutexGuard<'_, Group> {
-    group.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// SIGKILLs the process's whole group (pytest and anything its tests started). A forked
-/// worker whose pid is not known yet is killed as soon as it is.
-pub(crate) fn kill_group(group: &Mutex<Group>, reason: &str) {
+/// worker whose pid is not known yet is killed as soon as it is. The first reason given sticks.
+pub(crate) fn kill_group(group: &Mutex<Group>, kind: KillKind, reason: &str) {
     let mut group = lock(group);
     if group.ended {
         return;
     }
-    if group.kill_reason.is_none() {
-        group.kill_reason = Some(reason.to_string());
+    if group.kill.is_none() {
+        group.kill = Some(Kill {
+            kind,
+            reason: reason.to_string(),
+        });
     }
     signal_group(group.pgid);
 }
@@ -261,26 +333,27 @@ pub(crate) fn set_group(group: &Mutex<Group>, pgid: i32) {
         return;
     }
     group.pgid = Some(pgid);
-    if group.kill_reason.is_some() {
+    if group.kill.is_some() {
         signal_group(group.pgid);
     }
 }
 
 /// The process ended: kills what is left of its group (processes its tests left behind may
 /// hold pipes open) and returns why the pool killed it, if it did.
-pub(crate) fn end_group(group: &Mutex<Group>) -> Option<String> {
+pub(crate) fn end_group(group: &Mutex<Group>) -> Option<Kill> {
     let mut group = lock(group);
     group.ended = true;
     signal_group(group.pgid.take());
-    group.kill_reason.clone()
+    group.kill.clone()
 }
 
-type Slot = Mutex<Option<oneshot::Sender<Result<UnixStream, String>>>>;
+type ConnectionSender = oneshot::Sender<Result<UnixStream, String>>;
 
 /// Where the acceptor hands each connection, by the hello's worker id (or fork server flag).
+/// A worker's entry is made before it starts and taken by its first valid hello.
 struct Slots {
-    workers: Vec<Slot>,
-    forker: Option<Slot>,
+    workers: Mutex<HashMap<u32, ConnectionSender>>,
+    forker: Mutex<Option<ConnectionSender>>,
 }
 
 struct WorkerHandle {
@@ -288,16 +361,43 @@ struct WorkerHandle {
     group: Arc<Mutex<Group>>,
 }
 
+/// Every worker the pool started (replacements too), shared by the pool and the central task,
+/// which starts the replacements.
+#[derive(Default)]
+struct Registry {
+    /// By worker id: ids are handed out in order, from 0.
+    workers: Vec<WorkerHandle>,
+    supervisors: Vec<JoinHandle<()>>,
+    /// The pool is stopping: no replacement may start any more.
+    stopping: bool,
+}
+
+/// The fork server's watcher task, its process group and the way to ask it for forks.
+struct ForkerHandle {
+    group: Arc<Mutex<Group>>,
+    commands: mpsc::UnboundedSender<ForkerCommand>,
+    task: JoinHandle<()>,
+}
+
+/// How the pool stops its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Finish the current test, then leave.
+    Shutdown,
+    /// Give back every unstarted test first (`Revoked`), return any work handed over later.
+    Drain,
+}
+
 /// A set of persistent pytest workers sharing one collection.
 pub struct WorkerPool {
-    workers: Vec<WorkerHandle>,
+    registry: Arc<Mutex<Registry>>,
     total: Arc<OnceLock<u32>>,
-    supervisors: Vec<JoinHandle<()>>,
-    /// The fork server's group and its watcher, when the workers are forked.
-    forker: Option<(Arc<Mutex<Group>>, JoinHandle<()>)>,
+    forker: Option<ForkerHandle>,
+    /// Wakes the central task so it sees that the pool is stopping.
+    wake_central: mpsc::UnboundedSender<()>,
     central: Option<JoinHandle<()>>,
     acceptor: JoinHandle<()>,
-    // Holds the script and the socket; removed when the pool goes.
+    // Holds the script, the socket and the stack dumps; removed when the pool goes.
     _dir: tempfile::TempDir,
 }
 
@@ -327,29 +427,59 @@ impl WorkerPool {
             path: socket.clone(),
             source,
         })?;
-        let launch = Launch {
-            config: &config,
-            script: &script,
-            socket: &socket,
+        let registry = Arc::new(Mutex::new(Registry::default()));
+        let slots = Arc::new(Slots {
+            workers: Mutex::new(HashMap::new()),
+            forker: Mutex::new(None),
+        });
+        let launcher = Arc::new(Launcher {
+            config,
+            script,
+            socket,
+            dir: dir.path().to_path_buf(),
             token: uuid::Uuid::new_v4().simple().to_string(),
-        };
+            registry: registry.clone(),
+            slots: slots.clone(),
+        });
 
         let (internal_tx, internal_rx) = mpsc::channel(256);
-        let started = if config.fork {
-            launch.forked(&internal_tx)?
+        let (forker, spares) = if launcher.config.fork {
+            let (forker, spares) = launcher.forked(&internal_tx)?;
+            (Some(forker), spares)
         } else {
-            launch.spawned(&internal_tx)?
+            launcher.spawned(&internal_tx)?;
+            (None, VecDeque::new())
         };
-        drop(internal_tx);
 
+        let workers = launcher.config.workers;
+        let replacer = Replacer {
+            launcher: launcher.clone(),
+            internal: Some(internal_tx),
+            forker: forker.as_ref().map(|f| ForkerLink {
+                group: f.group.clone(),
+                commands: f.commands.clone(),
+                spares,
+            }),
+            slot_of: (0..workers).map(|id| (id, id)).collect(),
+            next_id: workers,
+            replaced: 0,
+        };
+        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
         let total = Arc::new(OnceLock::new());
-        let central = tokio::spawn(central(config.workers, internal_rx, events, total.clone()));
-        let acceptor = tokio::spawn(accept(listener, launch.token, Arc::new(started.slots)));
+        let central = tokio::spawn(central(
+            workers,
+            internal_rx,
+            wake_rx,
+            events,
+            total.clone(),
+            replacer,
+        ));
+        let acceptor = tokio::spawn(accept(listener, launcher.token.clone(), slots));
         Ok(WorkerPool {
-            workers: started.workers,
+            registry,
             total,
-            supervisors: started.supervisors,
-            forker: started.forker,
+            forker,
+            wake_central: wake_tx,
             central: Some(central),
             acceptor,
             _dir: dir,
@@ -358,7 +488,7 @@ impl WorkerPool {
 
     /// Appends `(lease, test_index)` pairs to the worker's queue, in order.
     pub fn assign(&self, worker: u32, leases: Vec<(u64, u32)>) -> Result<(), WorkerError> {
-        let handle = self.handle(worker)?;
+        let commands = self.commands(worker)?;
         let total = *self.total.get().ok_or(WorkerError::NotCollected)?;
         if let Some(&(_, index)) = leases.iter().find(|(_, index)| *index >= total) {
             return Err(WorkerError::BadTestIndex { index, total });
@@ -366,56 +496,100 @@ impl WorkerPool {
         if leases.is_empty() {
             return Ok(());
         }
-        self.send(worker, handle, Command::Assign(leases))
+        send(worker, &commands, Command::Assign(leases))
     }
 
     /// Tells the worker nothing more is coming for now: it runs what it holds, the last test
     /// with all fixtures torn down after it.
     pub fn no_more(&self, worker: u32) -> Result<(), WorkerError> {
-        let handle = self.handle(worker)?;
-        self.send(worker, handle, Command::NoMore)
+        let commands = self.commands(worker)?;
+        send(worker, &commands, Command::NoMore)
     }
 
     /// Asks the worker to give back these leases if it has not started them; the answer is a
     /// `PoolEvent::Revoked` with the ones it gave back.
     pub fn revoke(&self, worker: u32, leases: Vec<u64>) -> Result<(), WorkerError> {
-        let handle = self.handle(worker)?;
-        self.send(worker, handle, Command::Revoke(leases))
+        let commands = self.commands(worker)?;
+        send(worker, &commands, Command::Revoke(leases))
     }
 
     /// Asks every worker to finish, waits up to `grace`, then SIGKILLs their process groups
     /// (and the fork server's). Keep receiving events meanwhile: the workers' last reports and
     /// exits are sent.
-    pub async fn shutdown(mut self, grace: Duration) {
-        for handle in &self.workers {
-            let _ = handle.commands.send(Command::Shutdown);
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop(Stop::Shutdown, grace, std::future::pending())
+            .await;
+    }
+
+    /// Stops the pool without losing work: every worker gives back its unstarted tests at once
+    /// (`Revoked`), work assigned from now on is given back as it arrives, and the running
+    /// tests get up to `grace` (or until `hurry` resolves) to finish before their workers are
+    /// killed and the tests reported failed as interrupted. Keep receiving events meanwhile.
+    pub async fn drain(self, grace: Duration, hurry: impl Future<Output = ()> + Send) {
+        self.stop(Stop::Drain, grace, hurry).await;
+    }
+
+    async fn stop(mut self, how: Stop, grace: Duration, hurry: impl Future<Output = ()>) {
+        let handles: Vec<(mpsc::UnboundedSender<Command>, Arc<Mutex<Group>>)> = {
+            let mut registry = lock(&self.registry);
+            registry.stopping = true;
+            registry
+                .workers
+                .iter()
+                .map(|h| (h.commands.clone(), h.group.clone()))
+                .collect()
+        };
+        // The central task lets go of the channel it would start replacements with.
+        let _ = self.wake_central.send(());
+        let command = match how {
+            Stop::Shutdown => Command::Shutdown,
+            Stop::Drain => Command::Drain,
+        };
+        for (commands, _) in &handles {
+            let _ = commands.send(command.clone());
         }
-        let deadline = Instant::now() + grace;
+        let mut hurry = std::pin::pin!(hurry);
+        let mut clock = Deadline {
+            at: Instant::now() + grace,
+            hurried: false,
+        };
+        let supervisors = std::mem::take(&mut lock(&self.registry).supervisors);
         let mut running = Vec::new();
-        for mut task in std::mem::take(&mut self.supervisors) {
-            if timeout_at(deadline, &mut task).await.is_err() {
+        for mut task in supervisors {
+            if !clock.wait(&mut hurry, &mut task).await {
                 running.push(task);
             }
         }
         let mut forker = self.forker.take();
-        if let Some((_, task)) = forker.as_mut() {
-            // The fork server leaves once it has reported all its workers' ends.
-            if timeout_at(deadline, task).await.is_ok() {
+        if let Some(handle) = forker.as_mut() {
+            // No more forks; the fork server leaves once it has reported all its workers' ends.
+            let _ = handle.commands.send(ForkerCommand::Done);
+            if clock.wait(&mut hurry, &mut handle.task).await {
                 forker = None;
             }
         }
-        const TOO_SLOW: &str = "it did not finish within the shutdown grace period";
-        for handle in &self.workers {
-            kill_group(&handle.group, TOO_SLOW);
+        let too_slow = match (how, clock.hurried) {
+            (_, true) => "the agent was told to stop at once".to_string(),
+            (Stop::Shutdown, false) => {
+                "it did not finish within the shutdown grace period".to_string()
+            }
+            (Stop::Drain, false) => format!(
+                "the agent is stopping, and the test did not finish within the {} s grace \
+                 period of its drain",
+                grace.as_secs_f64()
+            ),
+        };
+        for (_, group) in &handles {
+            kill_group(group, KillKind::Stopped, &too_slow);
         }
         // Only the fork server can report how a forked worker ended: it is stopped after its
         // workers, unless some were never forked (they end only when it does).
-        let all_forked = self.workers.iter().all(|handle| {
-            let group = lock(&handle.group);
+        let all_forked = handles.iter().all(|(_, group)| {
+            let group = lock(group);
             group.pgid.is_some() || group.ended
         });
-        if let Some((group, _)) = forker.as_ref().filter(|_| !all_forked) {
-            kill_group(group, TOO_SLOW);
+        if let Some(handle) = forker.as_ref().filter(|_| !all_forked) {
+            kill_group(&handle.group, KillKind::Stopped, &too_slow);
         }
         for mut task in running {
             if timeout(AFTER_KILL_WAIT, &mut task).await.is_err() {
@@ -423,11 +597,11 @@ impl WorkerPool {
                 task.abort();
             }
         }
-        if let Some((group, mut task)) = forker {
-            kill_group(&group, TOO_SLOW);
-            if timeout(AFTER_KILL_WAIT, &mut task).await.is_err() {
+        if let Some(mut handle) = forker {
+            kill_group(&handle.group, KillKind::Stopped, &too_slow);
+            if timeout(AFTER_KILL_WAIT, &mut handle.task).await.is_err() {
                 warn!("the fork server's watcher did not finish after it was killed");
-                task.abort();
+                handle.task.abort();
             }
         }
         if let Some(mut central) = self.central.take() {
@@ -437,72 +611,105 @@ impl WorkerPool {
         }
     }
 
-    fn handle(&self, worker: u32) -> Result<&WorkerHandle, WorkerError> {
-        self.workers
+    fn commands(&self, worker: u32) -> Result<mpsc::UnboundedSender<Command>, WorkerError> {
+        let registry = lock(&self.registry);
+        registry
+            .workers
             .get(worker as usize)
+            .map(|handle| handle.commands.clone())
             .ok_or(WorkerError::NoSuchWorker {
                 worker,
-                workers: self.workers.len() as u32,
+                workers: registry.workers.len() as u32,
             })
     }
+}
 
-    fn send(
-        &self,
-        worker: u32,
-        handle: &WorkerHandle,
-        command: Command,
-    ) -> Result<(), WorkerError> {
-        handle
-            .commands
-            .send(command)
-            .map_err(|_| WorkerError::WorkerGone(worker))
+fn send(
+    worker: u32,
+    commands: &mpsc::UnboundedSender<Command>,
+    command: Command,
+) -> Result<(), WorkerError> {
+    commands
+        .send(command)
+        .map_err(|_| WorkerError::WorkerGone(worker))
+}
+
+/// When the pool's patience with a stopping worker ends: at `at`, or as soon as the caller's
+/// `hurry` resolves.
+struct Deadline {
+    at: Instant,
+    hurried: bool,
+}
+
+impl Deadline {
+    /// Waits for `task` until the deadline; true if it finished.
+    async fn wait<T, F: Future<Output = ()>>(
+        &mut self,
+        hurry: &mut Pin<&mut F>,
+        task: &mut JoinHandle<T>,
+    ) -> bool {
+        loop {
+            tokio::select! {
+                result = timeout_at(self.at, &mut *task) => return result.is_ok(),
+                _ = hurry.as_mut(), if !self.hurried => {
+                    self.hurried = true;
+                    self.at = Instant::now();
+                }
+            }
+        }
     }
 }
 
 impl Drop for WorkerPool {
     fn drop(&mut self) {
-        for handle in &self.workers {
-            kill_group(&handle.group, "the worker pool was dropped");
+        let registry = lock(&self.registry);
+        for handle in &registry.workers {
+            kill_group(
+                &handle.group,
+                KillKind::Stopped,
+                "the worker pool was dropped",
+            );
         }
-        if let Some((group, task)) = &self.forker {
-            kill_group(group, "the worker pool was dropped");
+        for task in &registry.supervisors {
             task.abort();
+        }
+        drop(registry);
+        if let Some(handle) = &self.forker {
+            kill_group(
+                &handle.group,
+                KillKind::Stopped,
+                "the worker pool was dropped",
+            );
+            handle.task.abort();
         }
         self.acceptor.abort();
-        for task in &self.supervisors {
-            task.abort();
-        }
         if let Some(central) = &self.central {
             central.abort();
         }
     }
 }
 
-/// Everything needed to start the pool's Python processes.
-struct Launch<'a> {
-    config: &'a PoolConfig,
-    script: &'a Path,
-    socket: &'a Path,
+/// Everything needed to start the pool's Python processes, first ones and replacements.
+struct Launcher {
+    config: PoolConfig,
+    script: PathBuf,
+    socket: PathBuf,
+    /// The pool's private directory, where each worker writes its stack dumps.
+    dir: PathBuf,
     token: String,
+    registry: Arc<Mutex<Registry>>,
+    slots: Arc<Slots>,
 }
 
-/// The started processes, their supervisors, and where their connections go.
-struct Started {
-    workers: Vec<WorkerHandle>,
-    supervisors: Vec<JoinHandle<()>>,
-    forker: Option<(Arc<Mutex<Group>>, JoinHandle<()>)>,
-    slots: Slots,
-}
-
-impl Launch<'_> {
+impl Launcher {
     /// `python -u fly_worker.py <pytest args>` in the workdir, in its own process group, with
     /// the protocol's environment on top of the suite's.
     fn command(&self) -> tokio::process::Command {
-        let config = self.config;
+        let config = &self.config;
         let mut command = tokio::process::Command::new(&config.python);
         command
             .arg("-u")
-            .arg(self.script)
+            .arg(&self.script)
             .args(&config.pytest_args)
             .current_dir(&config.workdir)
             .stdin(Stdio::null())
@@ -518,70 +725,132 @@ impl Launch<'_> {
             .env_remove("FLY_WORKER_ID")
             .env_remove("FLY_WORKER_FORK")
             .env_remove("FLY_WORKER_OUTPUT")
-            .env("FLY_WORKER_SOCKET", self.socket)
+            .env_remove("FLY_WORKER_TIMEOUT")
+            .env("FLY_WORKER_SOCKET", &self.socket)
             .env("FLY_WORKER_TOKEN", &self.token)
+            .env("FLY_WORKER_DUMP_DIR", &self.dir)
             .env("FLY_RUN_ID", &config.run_id)
             .env("PYTEST_XDIST_WORKER_COUNT", config.workers.to_string());
+        if let Some(timeout) = config.timeout {
+            command.env("FLY_WORKER_TIMEOUT", timeout.as_secs_f64().to_string());
+        }
         command
     }
 
-    /// Starts every worker as its own process.
-    fn spawned(&self, internal: &mpsc::Sender<Internal>) -> Result<Started, WorkerError> {
-        let config = self.config;
-        let mut started = Started {
-            workers: Vec::new(),
-            supervisors: Vec::new(),
-            forker: None,
-            slots: Slots {
-                workers: Vec::new(),
-                forker: None,
-            },
-        };
-        for id in 0..config.workers {
-            let mut command = self.command();
-            command
-                .env("FLY_WORKER_ID", id.to_string())
-                .env("PYTEST_XDIST_WORKER", format!("gw{id}"));
-            let mut child = match command.spawn() {
-                Ok(child) => child,
-                Err(source) => {
-                    for handle in &started.workers {
-                        kill_group(&handle.group, "another worker failed to start");
-                    }
-                    return Err(WorkerError::Spawn {
-                        worker: id,
-                        python: config.python.clone(),
-                        workdir: config.workdir.clone(),
-                        source,
-                    });
-                }
-            };
-            let group = Group::new(child.id().map(|pid| pid as i32));
-            let output = Output::drain(child.stdout.take(), child.stderr.take());
-            let (conn_tx, conn_rx) = oneshot::channel();
-            let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-            started.slots.workers.push(Mutex::new(Some(conn_tx)));
-            let supervisor = Supervisor::new(id, output, true, group.clone(), internal.clone());
-            let process = Process::Spawned(child);
-            started
-                .supervisors
-                .push(tokio::spawn(supervisor.run(process, conn_rx, cmd_rx)));
-            started.workers.push(WorkerHandle {
-                commands: cmd_tx,
-                group,
-            });
+    /// What the supervisor of worker `id` watches for.
+    fn options(&self, id: u32, expected_digest: Option<String>) -> SupervisorOptions {
+        SupervisorOptions {
+            timeout: self.config.timeout,
+            dump: self.dir.join(format!("stack-{id}.txt")),
+            replacement: expected_digest.is_some() || id >= self.config.workers,
+            expected_digest,
         }
-        Ok(started)
     }
 
-    /// Starts the fork server, which collects once and forks the workers.
-    fn forked(&self, internal: &mpsc::Sender<Internal>) -> Result<Started, WorkerError> {
-        let config = self.config;
-        // A stdout and a stderr pipe per worker: the read ends stay here, the write ends go to
-        // the fork server, which hands each pair to its worker after the fork.
+    /// A connection slot for worker `id`, made before the worker can connect.
+    fn expect_connection(&self, id: u32) -> oneshot::Receiver<Result<UnixStream, String>> {
+        let (conn_tx, conn_rx) = oneshot::channel();
+        lock(&self.slots.workers).insert(id, conn_tx);
+        conn_rx
+    }
+
+    /// Starts worker `id` as its own process (`PYTEST_XDIST_WORKER=gw<slot>`) with its
+    /// supervisor, and records both in `registry`.
+    fn spawn_worker(
+        &self,
+        registry: &mut Registry,
+        id: u32,
+        slot: u32,
+        internal: &mpsc::Sender<Internal>,
+        expected_digest: Option<String>,
+    ) -> Result<(), WorkerError> {
+        let mut command = self.command();
+        command
+            .env("FLY_WORKER_ID", id.to_string())
+            .env("PYTEST_XDIST_WORKER", format!("gw{slot}"));
+        let mut child = command.spawn().map_err(|source| WorkerError::Spawn {
+            worker: id,
+            python: self.config.python.clone(),
+            workdir: self.config.workdir.clone(),
+            source,
+        })?;
+        let group = Group::new(child.id().map(|pid| pid as i32));
+        let output = Output::drain(child.stdout.take(), child.stderr.take());
+        let conn_rx = self.expect_connection(id);
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let options = self.options(id, expected_digest);
+        let supervisor =
+            Supervisor::new(id, output, true, group.clone(), internal.clone(), options);
+        let process = Process::Spawned(child);
+        registry
+            .supervisors
+            .push(tokio::spawn(supervisor.run(process, conn_rx, cmd_rx)));
+        registry.workers.push(WorkerHandle {
+            commands: cmd_tx,
+            group,
+        });
+        Ok(())
+    }
+
+    /// Starts every worker as its own process.
+    fn spawned(&self, internal: &mpsc::Sender<Internal>) -> Result<(), WorkerError> {
+        let mut registry = lock(&self.registry);
+        for id in 0..self.config.workers {
+            if let Err(error) = self.spawn_worker(&mut registry, id, id, internal, None) {
+                for handle in &registry.workers {
+                    kill_group(
+                        &handle.group,
+                        KillKind::Stopped,
+                        "another worker failed to start",
+                    );
+                }
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// The supervisor of forked worker `id`, writing to `output`, recorded in `registry`; the
+    /// returned `Forked` goes to the fork server's watcher, which reports the worker's end.
+    fn forked_worker(
+        &self,
+        registry: &mut Registry,
+        id: u32,
+        output: Output,
+        internal: &mpsc::Sender<Internal>,
+    ) -> Forked {
+        let group = Group::new(None);
+        let (end_tx, end_rx) = oneshot::channel();
+        let conn_rx = self.expect_connection(id);
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let options = self.options(id, None);
+        let supervisor =
+            Supervisor::new(id, output, false, group.clone(), internal.clone(), options);
+        let process = Process::Forked(end_rx);
+        registry
+            .supervisors
+            .push(tokio::spawn(supervisor.run(process, conn_rx, cmd_rx)));
+        registry.workers.push(WorkerHandle {
+            commands: cmd_tx,
+            group: group.clone(),
+        });
+        Forked::new(group, end_tx)
+    }
+
+    /// Starts the fork server, which collects once and forks the workers. Returns its handle
+    /// and the read ends of the spare pipe pairs for replacements, with their pair numbers.
+    fn forked(
+        &self,
+        internal: &mpsc::Sender<Internal>,
+    ) -> Result<(ForkerHandle, VecDeque<Spare>), WorkerError> {
+        let config = &self.config;
+        // A stdout and a stderr pipe per worker and per allowed replacement: the read ends stay
+        // here, the write ends go to the fork server, which hands each pair to one worker after
+        // its fork.
+        let pairs = config.workers + config.max_replacements;
         let mut readers = Vec::new();
         let mut writers = Vec::new();
-        for _ in 0..2 * config.workers {
+        for _ in 0..2 * pairs {
             let (reader, writer) = std::io::pipe().map_err(WorkerError::Pipe)?;
             let reader =
                 pipe::Receiver::from_owned_fd(OwnedFd::from(reader)).map_err(WorkerError::Pipe)?;
@@ -618,42 +887,150 @@ impl Launch<'_> {
             source,
         })?;
 
-        let mut started = Started {
-            workers: Vec::new(),
-            supervisors: Vec::new(),
-            forker: None,
-            slots: Slots {
-                workers: Vec::new(),
-                forker: None,
-            },
-        };
         let mut forked = Vec::new();
         let mut readers = readers.into_iter();
-        for id in 0..config.workers {
-            let output = Output::drain(readers.next(), readers.next());
-            let group = Group::new(None);
-            let (end_tx, end_rx) = oneshot::channel();
-            let (conn_tx, conn_rx) = oneshot::channel();
-            let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-            started.slots.workers.push(Mutex::new(Some(conn_tx)));
-            let supervisor = Supervisor::new(id, output, false, group.clone(), internal.clone());
-            let process = Process::Forked(end_rx);
-            started
-                .supervisors
-                .push(tokio::spawn(supervisor.run(process, conn_rx, cmd_rx)));
-            forked.push(Forked::new(group.clone(), end_tx));
-            started.workers.push(WorkerHandle {
-                commands: cmd_tx,
-                group,
-            });
+        {
+            let mut registry = lock(&self.registry);
+            for id in 0..config.workers {
+                let output = Output::drain(readers.next(), readers.next());
+                forked.push(self.forked_worker(&mut registry, id, output, internal));
+            }
+        }
+        let mut spares = VecDeque::new();
+        for pair in config.workers..pairs {
+            if let (Some(out), Some(err)) = (readers.next(), readers.next()) {
+                spares.push_back(Spare { pair, out, err });
+            }
         }
         let group = Group::new(child.id().map(|pid| pid as i32));
         let output = Output::drain(child.stdout.take(), child.stderr.take());
         let (conn_tx, conn_rx) = oneshot::channel();
-        started.slots.forker = Some(Mutex::new(Some(conn_tx)));
+        *lock(&self.slots.forker) = Some(conn_tx);
+        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
         let forker = Forker::new(output, group.clone(), internal.clone(), forked);
-        started.forker = Some((group, tokio::spawn(forker.run(child, conn_rx))));
-        Ok(started)
+        let task = tokio::spawn(forker.run(child, conn_rx, commands_rx));
+        Ok((
+            ForkerHandle {
+                group,
+                commands: commands_tx,
+                task,
+            },
+            spares,
+        ))
+    }
+}
+
+/// The read ends of a pipe pair kept for a replacement worker; `pair` is its number in the
+/// fork server's list.
+struct Spare {
+    pair: u32,
+    out: pipe::Receiver,
+    err: pipe::Receiver,
+}
+
+/// The central task's way to ask the fork server for replacements.
+struct ForkerLink {
+    group: Arc<Mutex<Group>>,
+    commands: mpsc::UnboundedSender<ForkerCommand>,
+    spares: VecDeque<Spare>,
+}
+
+/// Starts replacements for crashed workers, up to the configured number.
+struct Replacer {
+    launcher: Arc<Launcher>,
+    /// For the replacements' supervisors; dropped once the pool stops, so the central task's
+    /// channel closes when the last supervisor ends.
+    internal: Option<mpsc::Sender<Internal>>,
+    forker: Option<ForkerLink>,
+    /// Worker id to its slot (the N of `gwN`).
+    slot_of: HashMap<u32, u32>,
+    next_id: u32,
+    replaced: u32,
+}
+
+impl Replacer {
+    fn stop(&mut self) {
+        self.internal = None;
+    }
+
+    /// Starts a replacement for `worker` in its slot; returns its id, None when the pool is
+    /// stopping anyway, or why there can be none. `digest` is the run's collection, which a
+    /// spawned replacement must collect again.
+    fn replace(&mut self, worker: u32, digest: &str) -> Result<Option<u32>, String> {
+        let Some(internal) = self.internal.clone() else {
+            return Ok(None);
+        };
+        let max = self.launcher.config.max_replacements;
+        if self.replaced >= max {
+            return Err(format!(
+                "worker {worker} crashed or timed out, and {max} crashed workers were already \
+                 replaced in this run (the limit)"
+            ));
+        }
+        let slot = self.slot_of.get(&worker).copied().unwrap_or(worker);
+        let id = self.next_id;
+        let launcher = &self.launcher;
+        let mut registry = lock(&launcher.registry);
+        if registry.stopping {
+            self.internal = None;
+            return Ok(None);
+        }
+        match self.forker.as_mut() {
+            Some(link) => {
+                if lock(&link.group).ended {
+                    return Err(format!(
+                        "worker {worker} ended abnormally and its fork server is gone, so it \
+                         cannot be replaced"
+                    ));
+                }
+                let Some(spare) = link.spares.pop_front() else {
+                    return Err(format!(
+                        "worker {worker} ended abnormally and no output pipes are left for a \
+                         replacement"
+                    ));
+                };
+                let output = Output::drain(Some(spare.out), Some(spare.err));
+                let forked = launcher.forked_worker(&mut registry, id, output, &internal);
+                // Sent under the registry's lock: a stopping pool's "done" comes after it.
+                let sent = link.commands.send(ForkerCommand::Fork {
+                    worker: id,
+                    slot,
+                    output: spare.pair,
+                    forked,
+                });
+                if sent.is_err() {
+                    // The watcher is gone; the new supervisor learns that from its process.
+                    warn!(worker = id, "the fork server's watcher is gone");
+                }
+            }
+            None => launcher
+                .spawn_worker(&mut registry, id, slot, &internal, Some(digest.to_string()))
+                .map_err(|error| {
+                    format!("worker {worker} ended abnormally and cannot be replaced: {error}")
+                })?,
+        }
+        drop(registry);
+        self.replaced += 1;
+        self.next_id += 1;
+        self.slot_of.insert(id, slot);
+        info!(
+            worker,
+            replacement = id,
+            slot,
+            "replacing a crashed worker ({} of {max} replacements)",
+            self.replaced
+        );
+        Ok(Some(id))
+    }
+
+    /// Tells every worker to give back its unstarted tests and finish: the pool is unhealthy.
+    fn drain_all(&mut self) {
+        self.stop();
+        let mut registry = lock(&self.launcher.registry);
+        registry.stopping = true;
+        for handle in &registry.workers {
+            let _ = handle.commands.send(Command::Drain);
+        }
     }
 }
 
@@ -687,14 +1064,15 @@ async fn handshake(mut stream: UnixStream, token: Arc<String>, slots: Arc<Slots>
         Ok(other) => return warn!("dropping a worker connection that began with {other:?}"),
         Err(error) => return warn!("dropping a worker connection: {error}"),
     };
-    let slot = if hello.forker {
-        slots.forker.as_ref()
+    let sender = if hello.forker {
+        lock(&slots.forker).take()
     } else {
-        slots.workers.get(hello.worker as usize)
+        lock(&slots.workers).remove(&hello.worker)
     };
-    let Some(slot) = slot else {
+    let Some(sender) = sender else {
         return warn!(
-            "dropping a connection claiming to be worker {} (fork server: {})",
+            "dropping a connection claiming to be worker {} (fork server: {}), which is not \
+             expected or already connected",
             hello.worker, hello.forker
         );
     };
@@ -716,13 +1094,7 @@ async fn handshake(mut stream: UnixStream, token: Arc<String>, slots: Arc<Slots>
         );
         Ok(stream)
     };
-    let sender = slot.lock().ok().and_then(|mut slot| slot.take());
-    match sender {
-        Some(sender) => {
-            let _ = sender.send(verdict);
-        }
-        None => warn!("dropping a second connection for worker {}", hello.worker),
-    }
+    let _ = sender.send(verdict);
 }
 
 /// Hex sha256 over the ordered nodeids, each followed by '\n'.
@@ -755,22 +1127,39 @@ enum CollectionState {
     Failed,
 }
 
-/// Merges the workers' collections into one Collected (or CollectionFailed) and forwards
-/// everything else. Until the collection is known, WantWork and Exited events are held back, so
-/// the agent sees the collection's verdict before any worker's work or end.
+/// Merges the workers' collections into one Collected (or CollectionFailed), forwards
+/// everything else, and replaces workers that crash once tests run. Until the collection is
+/// known, WantWork and Exited events are held back, so the agent sees the collection's verdict
+/// before any worker's work or end.
 async fn central(
     workers: u32,
     mut internal: mpsc::Receiver<Internal>,
+    mut wake: mpsc::UnboundedReceiver<()>,
     events: mpsc::Sender<PoolEvent>,
     total: Arc<OnceLock<u32>>,
+    mut replacer: Replacer,
 ) {
     let mut out = Outbox { events, open: true };
     let mut state = CollectionState::Pending;
     let mut collected = vec![false; workers as usize];
     // The first collection: (worker, tests, deselected, digest).
     let mut first: Option<(u32, Vec<CollectedTest>, u32, String)> = None;
+    let mut run_digest = String::new();
+    let mut unhealthy = false;
     let mut held: Vec<PoolEvent> = Vec::new();
-    while let Some(message) = internal.recv().await {
+    loop {
+        let message = tokio::select! {
+            message = internal.recv() => match message {
+                Some(message) => message,
+                None => break,
+            },
+            Some(()) = wake.recv() => {
+                // The pool is stopping: no replacements, and no sender of our own keeping the
+                // channel open once the last supervisor is gone.
+                replacer.stop();
+                continue;
+            }
+        };
         match message {
             Internal::Event(event) => forward(&mut out, &state, &mut held, event).await,
             Internal::Events(events) => {
@@ -783,6 +1172,7 @@ async fn central(
                 tests,
                 deselected,
             } => {
+                // A replacement's collection was checked by its supervisor.
                 if !matches!(state, CollectionState::Pending) {
                     continue;
                 }
@@ -818,6 +1208,7 @@ async fn central(
                     if let Some((_, tests, deselected, digest)) = first.take() {
                         let _ = total.set(tests.len() as u32);
                         state = CollectionState::Done;
+                        run_digest.clone_from(&digest);
                         let done = PoolEvent::Collected {
                             tests,
                             deselected,
@@ -832,10 +1223,36 @@ async fn central(
                 exit,
                 exit_code,
                 output,
+                crashed,
             } => {
-                if !matches!(state, CollectionState::Pending) {
-                    out.send(exit).await;
-                    continue;
+                match state {
+                    CollectionState::Done => {
+                        out.send(exit).await;
+                        if crashed && !unhealthy {
+                            match replacer.replace(worker, &run_digest) {
+                                Ok(Some(replacement)) => {
+                                    out.send(PoolEvent::Replaced {
+                                        worker,
+                                        replacement,
+                                    })
+                                    .await;
+                                }
+                                Ok(None) => {}
+                                Err(reason) => {
+                                    warn!("the agent is unhealthy: {reason}");
+                                    unhealthy = true;
+                                    replacer.drain_all();
+                                    out.send(PoolEvent::Unhealthy { reason }).await;
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    CollectionState::Failed => {
+                        out.send(exit).await;
+                        continue;
+                    }
+                    CollectionState::Pending => {}
                 }
                 held.retain(|event| *event != PoolEvent::WantWork { worker });
                 held.push(exit);

@@ -1,6 +1,7 @@
 //! The worker pool against real pytest: collection, pytest's own verdicts, fixture lifetimes
-//! under the nextitem contract, heavy output, early pytest exits, crashes and clean shutdown,
-//! each with forked workers (`forked::`) and with spawned ones (`spawned::`).
+//! under the nextitem contract, heavy output, early pytest exits, crashes and the replacement
+//! of crashed workers (up to a bound), test timeouts with every thread's stack, clean shutdown
+//! and draining, each with forked workers (`forked::`) and with spawned ones (`spawned::`).
 //!
 //! Python comes from `FLY_TEST_PYTHON`, else the workspace's `.venv`, else `python3`; it needs
 //! pytest installed. Each test copies a project from `tests/fixtures/` into a temp dir.
@@ -9,7 +10,7 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fly_agent::worker::{PoolConfig, PoolEvent, WorkerError, WorkerPool};
+use fly_agent::worker::{PoolConfig, PoolEvent, WorkerError, WorkerPool, MAX_REPLACEMENTS};
 use fly_common::proto::{CollectedTest, Phase, PhaseReport};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -60,6 +61,9 @@ struct Record {
     revoked: Vec<(u32, Vec<u64>)>,
     exited: Vec<Exited>,
     collection_failed: Vec<(i32, String)>,
+    wants: Vec<u32>,
+    replaced: Vec<(u32, u32)>,
+    unhealthy: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -113,7 +117,13 @@ impl Record {
             PoolEvent::CollectionFailed { exit_code, output } => {
                 self.collection_failed.push((exit_code, output))
             }
-            PoolEvent::Collected { .. } | PoolEvent::WantWork { .. } => {}
+            PoolEvent::WantWork { worker } => self.wants.push(worker),
+            PoolEvent::Replaced {
+                worker,
+                replacement,
+            } => self.replaced.push((worker, replacement)),
+            PoolEvent::Unhealthy { reason } => self.unhealthy.push(reason),
+            PoolEvent::Collected { .. } => {}
         }
     }
 }
@@ -124,6 +134,18 @@ async fn start(
     args: &[&str],
     workers: u32,
     env: &[(&str, &str)],
+) -> Harness {
+    start_with(fork, fixture, args, workers, env, |_| {}).await
+}
+
+/// `start`, with `adjust` changing the pool's configuration first.
+async fn start_with(
+    fork: bool,
+    fixture: &str,
+    args: &[&str],
+    workers: u32,
+    env: &[(&str, &str)],
+    adjust: impl FnOnce(&mut PoolConfig),
 ) -> Harness {
     let project = tempfile::Builder::new()
         .prefix("fly-fixture-")
@@ -152,10 +174,18 @@ async fn start(
             "FLY_PARENT_PID_FILE".to_string(),
             scratch.path().join("parent").display().to_string(),
         ),
+        (
+            "FLY_GATE_FILE".to_string(),
+            scratch.path().join("gate").display().to_string(),
+        ),
+        (
+            "FLY_WORKER_FILE".to_string(),
+            scratch.path().join("workers").display().to_string(),
+        ),
         ("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string()),
     ];
     extra_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let config = PoolConfig {
+    let mut config = PoolConfig {
         python: python(),
         workdir: project.path().to_path_buf(),
         pytest_args: args.iter().map(|a| a.to_string()).collect(),
@@ -163,7 +193,10 @@ async fn start(
         run_id: "test-run".into(),
         extra_env,
         fork,
+        timeout: None,
+        max_replacements: MAX_REPLACEMENTS,
     };
+    adjust(&mut config);
     let (tx, rx) = mpsc::channel(10_000);
     let pool = WorkerPool::start(config, tx).await.unwrap();
     Harness {
@@ -253,6 +286,45 @@ impl Harness {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    /// Drains the pool (`hurry` cuts the grace short) and records every event until the pool
+    /// is gone.
+    async fn drain(
+        &mut self,
+        grace: Duration,
+        hurry: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let pool = self.pool.take().unwrap();
+        let drain = tokio::spawn(pool.drain(grace, hurry));
+        while let Ok(Some(event)) = tokio::time::timeout(PATIENCE, self.events.recv()).await {
+            self.record.note(&event);
+        }
+        tokio::time::timeout(PATIENCE, drain)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Lets `test_waits_for_the_gate` finish.
+    fn open_gate(&self) {
+        std::fs::write(self.scratch.path().join("gate"), b"open").unwrap();
+    }
+
+    /// What `test_records_its_worker` wrote: (PYTEST_XDIST_WORKER, worker id, parent pid).
+    fn worker_records(&self) -> Vec<(String, u32, u32)> {
+        std::fs::read_to_string(self.scratch.path().join("workers"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (
+                    fields[0].to_string(),
+                    fields[1].parse().unwrap(),
+                    fields[2].parse().unwrap(),
+                )
+            })
+            .collect()
     }
 
     fn fixture_log(&self) -> Vec<String> {
@@ -1014,6 +1086,8 @@ async fn the_pool_refuses_work_it_cannot_place(fork: bool) {
             run_id: "r".into(),
             extra_env: Vec::new(),
             fork,
+            timeout: None,
+            max_replacements: MAX_REPLACEMENTS,
         },
         mpsc::channel(1).0,
     )
@@ -1063,6 +1137,306 @@ async fn a_collection_larger_than_one_message_arrives_whole_and_in_order(fork: b
     h.shutdown(Duration::from_secs(30)).await;
 }
 
+/// A crash in `crasher`, with two more tests held by the worker: they go back, a replacement
+/// in the same slot asks for work and runs them (under new leases, as the coordinator would
+/// hand them out again) to a pass.
+async fn a_replacement_runs_the_rest_after(fork: bool, crasher: &str, expect: &str) {
+    let mut h = start(fork, "crash", &[], 1, &[]).await;
+    let (tests, _, _) = h.collected().await;
+    let work = plan(
+        &tests,
+        &[
+            &format!("test_crash.py::{crasher}"),
+            "test_crash.py::test_records_its_worker",
+            "test_crash.py::test_fine",
+        ],
+    );
+    h.wait_for("a want", |e| matches!(e, PoolEvent::WantWork { .. }))
+        .await;
+    h.pool().assign(0, work.clone()).unwrap();
+    let replaced = h
+        .wait_for("the exit and the replacement", |e| {
+            matches!(e, PoolEvent::Replaced { .. })
+        })
+        .await;
+    assert_eq!(
+        replaced,
+        PoolEvent::Replaced {
+            worker: 0,
+            replacement: 1
+        }
+    );
+    assert_crash_reported(&h.record, 1, expect);
+    h.wait_for("the replacement's want", |e| {
+        *e == PoolEvent::WantWork { worker: 1 }
+    })
+    .await;
+    let again = vec![(4, work[1].1), (5, work[2].1)];
+    h.pool().assign(1, again).unwrap();
+    h.pool().no_more(1).unwrap();
+    while h.record.finished.len() < 3 {
+        h.next().await;
+    }
+    assert_eq!(h.record.finished[1..], [(1, 4), (1, 5)]);
+    assert_eq!(h.record.report(4, Phase::Call).outcome, "passed");
+    assert_eq!(h.record.report(5, Phase::Call).outcome, "passed");
+    // Same slot, new worker id; forked from the fork server, or a new process of the agent.
+    let records = h.worker_records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let (slot, id, parent) = records[0].clone();
+    assert_eq!((slot.as_str(), id), ("gw0", 1));
+    assert_eq!(parent == std::process::id(), !fork, "parent {parent}");
+    h.shutdown(Duration::from_secs(30)).await;
+    assert_eq!(h.record.replaced.len(), 1);
+    let last = h.record.exited.last().unwrap();
+    assert_eq!((last.worker, last.exit_code), (1, 0), "{last:?}");
+    assert!(last.unstarted.is_empty());
+}
+
+async fn after_os_exit_a_replacement_runs_the_rest(fork: bool) {
+    a_replacement_runs_the_rest_after(
+        fork,
+        "test_exits",
+        "worker 0 crashed while running this test: exit code 3",
+    )
+    .await;
+}
+
+async fn after_a_segfault_a_replacement_runs_the_rest(fork: bool) {
+    a_replacement_runs_the_rest_after(
+        fork,
+        "test_segfaults",
+        "worker 0 crashed while running this test: killed by signal 11 (SIGSEGV)",
+    )
+    .await;
+}
+
+async fn after_the_last_allowed_replacement_the_pool_is_unhealthy_and_gives_work_back(fork: bool) {
+    let mut h = start_with(fork, "crash", &[], 2, &[], |c| c.max_replacements = 1).await;
+    let (tests, _, _) = h.collected().await;
+    while !(h.record.wants.contains(&0) && h.record.wants.contains(&1)) {
+        h.next().await;
+    }
+    // Worker 1 runs a test held open by the gate, and holds two more.
+    let held = plan(
+        &tests,
+        &[
+            "test_crash.py::test_waits_for_the_gate",
+            "test_crash.py::test_fine",
+            "test_crash.py::test_fine_too",
+        ],
+    );
+    h.pool().assign(1, held).unwrap();
+    h.wait_for("the gated start", |e| {
+        matches!(e, PoolEvent::Started { lease: 1, .. })
+    })
+    .await;
+    // Worker 0 crashes, its replacement (2) crashes too: that is one crash over the bound.
+    let exits = index_of(&tests, "test_crash.py::test_exits");
+    h.pool().assign(0, vec![(4, exits)]).unwrap();
+    h.pool().no_more(0).unwrap();
+    h.wait_for("the first crash's exit and replacement", |e| {
+        *e == PoolEvent::WantWork { worker: 2 }
+    })
+    .await;
+    let segfaults = index_of(&tests, "test_crash.py::test_segfaults");
+    h.pool().assign(2, vec![(5, segfaults)]).unwrap();
+    h.pool().no_more(2).unwrap();
+    let unhealthy = h
+        .wait_for("the second exit and the verdict", |e| {
+            matches!(e, PoolEvent::Unhealthy { .. })
+        })
+        .await;
+    let PoolEvent::Unhealthy { reason } = unhealthy else {
+        unreachable!()
+    };
+    assert!(reason.contains("limit"), "{reason}");
+    // The healthy worker gives its unstarted tests back, and finishes the running one.
+    h.wait_for("the work given back", |e| {
+        matches!(e, PoolEvent::Revoked { .. })
+    })
+    .await;
+    assert_eq!(h.record.revoked, [(1, vec![2, 3])]);
+    h.open_gate();
+    h.wait_for("the gated test's end and worker 1's exit", |e| {
+        matches!(e, PoolEvent::Exited { worker: 1, .. })
+    })
+    .await;
+    assert_eq!(h.record.report(1, Phase::Call).outcome, "passed");
+    h.shutdown(Duration::from_secs(30)).await;
+    assert_eq!(h.record.replaced, [(0, 2)]);
+    assert_eq!(h.record.unhealthy.len(), 1);
+    assert!(
+        !h.record.wants.iter().any(|w| *w > 2),
+        "a worker was replaced past the bound: {:?}",
+        h.record.wants
+    );
+    let worker_1 = h.record.exited.iter().find(|e| e.worker == 1).unwrap();
+    assert_eq!(worker_1.exit_code, 0, "{worker_1:?}");
+    assert!(worker_1.unstarted.is_empty());
+}
+
+async fn a_test_past_the_timeout_fails_with_every_threads_stack(fork: bool) {
+    let mut h = start_with(fork, "crash", &[], 1, &[], |c| {
+        c.timeout = Some(Duration::from_secs(2))
+    })
+    .await;
+    let (tests, _, _) = h.collected().await;
+    let work = plan(
+        &tests,
+        &[
+            "test_crash.py::test_hangs_with_a_thread",
+            "test_crash.py::test_fine",
+        ],
+    );
+    h.wait_for("a want", |e| matches!(e, PoolEvent::WantWork { .. }))
+        .await;
+    h.pool().assign(0, work.clone()).unwrap();
+    h.wait_for("the worker's exit", |e| {
+        matches!(e, PoolEvent::Exited { .. })
+    })
+    .await;
+    let call = h.record.report(1, Phase::Call);
+    assert_eq!(
+        (call.outcome.as_str(), call.category.as_str()),
+        ("failed", "failed")
+    );
+    assert_eq!(call.message, "Timeout: the test ran longer than 2 s");
+    assert!(call.longrepr.starts_with("Timeout"), "{}", call.longrepr);
+    // The test's own stack and its helper thread's.
+    assert!(
+        call.longrepr.contains("in test_hangs_with_a_thread"),
+        "{}",
+        call.longrepr
+    );
+    assert!(
+        call.longrepr.contains("in _sleeping_helper"),
+        "{}",
+        call.longrepr
+    );
+    assert_eq!(h.record.exited[0].signal, libc::SIGKILL);
+    assert_eq!(h.record.exited[0].unstarted, [2]);
+    assert!(h.record.exited[0].reason.contains("timeout"));
+    // The worker is replaced like a crashed one.
+    h.wait_for("the replacement's want", |e| {
+        *e == PoolEvent::WantWork { worker: 1 }
+    })
+    .await;
+    h.pool().assign(1, vec![(3, work[1].1)]).unwrap();
+    h.pool().no_more(1).unwrap();
+    h.wait_for("the test's end", |e| {
+        matches!(e, PoolEvent::Finished { lease: 3, .. })
+    })
+    .await;
+    assert_eq!(h.record.report(3, Phase::Call).outcome, "passed");
+    h.shutdown(Duration::from_secs(30)).await;
+}
+
+async fn a_test_hanging_in_setup_times_out_as_an_error_in_setup(fork: bool) {
+    let mut h = start_with(fork, "crash", &[], 1, &[], |c| {
+        c.timeout = Some(Duration::from_secs(2))
+    })
+    .await;
+    let (tests, _, _) = h.collected().await;
+    let work = plan(&tests, &["test_crash.py::test_hangs_in_setup"]);
+    h.wait_for("a want", |e| matches!(e, PoolEvent::WantWork { .. }))
+        .await;
+    h.pool().assign(0, work).unwrap();
+    h.pool().no_more(0).unwrap();
+    h.wait_for("the worker's exit", |e| {
+        matches!(e, PoolEvent::Exited { .. })
+    })
+    .await;
+    let setup = h.record.report(1, Phase::Setup);
+    assert_eq!(
+        (setup.outcome.as_str(), setup.category.as_str()),
+        ("failed", "error")
+    );
+    assert!(
+        setup.longrepr.contains("in hanging_fixture"),
+        "{}",
+        setup.longrepr
+    );
+    assert_eq!(
+        h.record.categories(1).len(),
+        1,
+        "{:?}",
+        h.record.categories(1)
+    );
+    h.shutdown(Duration::from_secs(30)).await;
+}
+
+async fn a_drain_gives_unstarted_tests_back_and_lets_the_running_one_finish(fork: bool) {
+    let mut h = start(fork, "crash", &[], 1, &[]).await;
+    let (tests, _, _) = h.collected().await;
+    let work = plan(
+        &tests,
+        &[
+            "test_crash.py::test_waits_for_the_gate",
+            "test_crash.py::test_fine",
+            "test_crash.py::test_fine_too",
+        ],
+    );
+    h.wait_for("a want", |e| matches!(e, PoolEvent::WantWork { .. }))
+        .await;
+    h.pool().assign(0, work).unwrap();
+    h.wait_for("the start", |e| matches!(e, PoolEvent::Started { .. }))
+        .await;
+    // The gate opens only once the unstarted tests are back: the running test outlives that.
+    let gate = h.scratch.path().join("gate");
+    let mut revoked = false;
+    let pool = h.pool.take().unwrap();
+    let drain = tokio::spawn(pool.drain(Duration::from_secs(60), std::future::pending()));
+    while let Ok(Some(event)) = tokio::time::timeout(PATIENCE, h.events.recv()).await {
+        h.record.note(&event);
+        if matches!(event, PoolEvent::Revoked { .. }) && !revoked {
+            revoked = true;
+            std::fs::write(&gate, b"open").unwrap();
+        }
+    }
+    tokio::time::timeout(PATIENCE, drain)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(h.record.revoked, [(0, vec![2, 3])]);
+    assert_eq!(h.record.finished, [(0, 1)]);
+    assert_eq!(h.record.report(1, Phase::Call).outcome, "passed");
+    assert_eq!(h.record.exited.len(), 1);
+    assert_eq!(h.record.exited[0].exit_code, 0, "{:?}", h.record.exited[0]);
+    assert!(h.record.exited[0].unstarted.is_empty());
+    assert!(h.record.replaced.is_empty());
+}
+
+async fn a_drain_interrupts_the_running_test_when_hurried(fork: bool) {
+    let mut h = start(fork, "crash", &[], 1, &[]).await;
+    let (tests, _, _) = h.collected().await;
+    let work = plan(&tests, &["test_crash.py::test_hangs"]);
+    h.wait_for("a want", |e| matches!(e, PoolEvent::WantWork { .. }))
+        .await;
+    h.pool().assign(0, work).unwrap();
+    h.pool().no_more(0).unwrap();
+    h.wait_for("the start", |e| matches!(e, PoolEvent::Started { .. }))
+        .await;
+    // A second signal: the long grace does not matter any more.
+    let (hurry, hurried) = tokio::sync::oneshot::channel::<()>();
+    hurry.send(()).unwrap();
+    h.drain(Duration::from_secs(600), async move {
+        let _ = hurried.await;
+    })
+    .await;
+    let call = h.record.report(1, Phase::Call);
+    assert_eq!(call.outcome, "failed");
+    assert!(call.message.starts_with("interrupted"), "{}", call.message);
+    assert!(call.longrepr.contains("stop at once"), "{}", call.longrepr);
+    assert_eq!(h.record.exited.len(), 1);
+    assert_eq!(h.record.exited[0].signal, libc::SIGKILL);
+    // Interrupted, not crashed: nothing replaces it.
+    assert!(h.record.replaced.is_empty());
+    for pid in h.pids() {
+        assert!(gone(pid).await, "process {pid} survived the drain");
+    }
+}
+
 /// Runs each listed `async fn name(fork: bool)` as `forked::name` and `spawned::name`.
 macro_rules! in_both_modes {
     ($($name:ident),* $(,)?) => {
@@ -1109,6 +1483,13 @@ in_both_modes!(
     the_pool_refuses_work_it_cannot_place,
     collect_only_reports_the_collection_and_ends,
     a_collection_larger_than_one_message_arrives_whole_and_in_order,
+    after_os_exit_a_replacement_runs_the_rest,
+    after_a_segfault_a_replacement_runs_the_rest,
+    after_the_last_allowed_replacement_the_pool_is_unhealthy_and_gives_work_back,
+    a_test_past_the_timeout_fails_with_every_threads_stack,
+    a_test_hanging_in_setup_times_out_as_an_error_in_setup,
+    a_drain_gives_unstarted_tests_back_and_lets_the_running_one_finish,
+    a_drain_interrupts_the_running_test_when_hurried,
 );
 
 /// Writes a suite of `files` x `per_file` tests that only `assert True`.
@@ -1184,6 +1565,8 @@ async fn run_on_pool(
         run_id: "bench".into(),
         extra_env: vec![("PYTHONDONTWRITEBYTECODE".into(), pyc.into())],
         fork,
+        timeout: None,
+        max_replacements: MAX_REPLACEMENTS,
     };
     let (tx, mut rx) = mpsc::channel(10_000);
     let pool = WorkerPool::start(config, tx).await.unwrap();

@@ -11,10 +11,13 @@ use fly_agent::{AgentConfig, WorkerCount};
 use fly_common::exit_code;
 use tracing::info;
 
+use crate::auth::ListenArgs;
 use crate::client::{self, RunRequest};
 
 /// How long `run --local` waits for its workers to finish after the run ended.
 const LOCAL_AGENT_GRACE: Duration = Duration::from_secs(30);
+/// After a second Ctrl-C, how long `run --local` still waits for its database writes.
+const STOP_NOW_WAIT: Duration = Duration::from_secs(2);
 use crate::node::{self, Node};
 
 #[derive(Parser, Debug)]
@@ -36,7 +39,20 @@ enum Command {
     ///
     /// With no --connect or --listen it runs on this machine alone (like --local), as a
     /// replacement for `pytest -n auto`.
-    Run(RunArgs),
+    // Boxed: its many options make it far larger than the other commands' arguments.
+    Run(Box<RunArgs>),
+    /// Predict a recorded run's wall time for other worker counts: replays its test durations
+    /// through the scheduler with virtual time ("how many workers should our farm have").
+    Plan(PlanArgs),
+    /// Write a recorded run's report as one self-contained HTML file: a timeline per worker,
+    /// utilization and speed-up, the slowest tests and fixtures, failures, agents.
+    Report(ReportArgs),
+    /// List recent runs with their status and summary.
+    Runs(RunsArgs),
+    /// List the slowest tests of the latest run and how their durations moved over recent runs.
+    Slowest(SlowestArgs),
+    /// List tests whose outcome changed between runs, or that passed on a rerun.
+    Flaky(FlakyArgs),
 }
 
 #[derive(Args, Debug)]
@@ -50,6 +66,14 @@ struct ServeArgs {
     /// Seconds of silence after which an agent's connection counts as dead.
     #[arg(long, env = "FLY_AGENT_TIMEOUT", default_value_t = 10)]
     agent_timeout: u64,
+    #[command(flatten)]
+    security: ListenArgs,
+    /// The dashboard, /healthz and /metrics (--http HOST:PORT).
+    #[command(flatten)]
+    http: crate::http::HttpArgs,
+    /// --retain-days, --retain-size: pruning old runs.
+    #[command(flatten)]
+    retention: node::RetentionArgs,
 }
 
 #[derive(Args, Debug)]
@@ -91,9 +115,124 @@ struct RunArgs {
     /// process after collection (for suites that cannot survive a fork).
     #[arg(long, env = "FLY_NO_FORK")]
     no_fork: bool,
+    /// Fail a test that runs longer than SECONDS (setup, call and teardown together) with the
+    /// stack of every thread of its worker, and replace the worker; 0 (the default): no limit.
+    #[arg(long, env = "FLY_TIMEOUT", value_name = "SECONDS", default_value_t = 0.0, value_parser = parse_timeout)]
+    timeout: f64,
+    /// Write the results as JUnit XML to PATH once the run is over (as pytest's --junitxml).
+    #[arg(long, value_name = "PATH")]
+    junit_xml: Option<PathBuf>,
+    /// Write a Chrome trace-event timeline to PATH (one track per worker; open it in Perfetto).
+    #[arg(long, value_name = "PATH")]
+    trace_json: Option<PathBuf>,
+    /// The token (for --connect and --listen), --insecure and the TLS identity (for --listen).
+    #[command(flatten)]
+    security: ListenArgs,
+    /// The CA certificate (PEM) that signed the coordinator's TLS certificate, for an https://
+    /// --connect URL (default: the system's trusted roots).
+    #[arg(long, env = "FLY_CA", value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// Run only on agents with this label, KEY=VALUE (repeatable; agents set theirs with
+    /// `fly-agent --label`).
+    #[arg(long = "require", value_name = "KEY=VALUE", value_parser = crate::labels::parse_label)]
+    require: Vec<(String, String)>,
+    /// Carry on with an unfinished run (interrupted, or left behind by a coordinator that
+    /// stopped): run only its tests that have no result yet (matched by node id; tests
+    /// collected now and never run run too), with its pytest arguments, and report the
+    /// combined run. RUN_ID is the run's id or a unique prefix of it; the other options are
+    /// this run's own.
+    #[arg(long, value_name = "RUN_ID", conflicts_with = "pytest_args")]
+    resume: Option<String>,
+    /// Run a failed test (outcome failed or error) again, up to N more times, on another
+    /// worker when one is free (as pytest-rerunfailures' --reruns). A test that fails and then
+    /// passes is flaky: it counts as passed and is named in the output.
+    #[arg(long, env = "FLY_RERUNS", value_name = "N", default_value_t = 0)]
+    reruns: u32,
+    /// Make flaky tests (failed, then passed on a rerun) fail the run with exit code 1.
+    #[arg(long, env = "FLY_FLAKY_FAILS")]
+    flaky_fails: bool,
+    /// --durations, --durations-min, --color.
+    #[command(flatten)]
+    terminal: crate::terminal::TerminalArgs,
+    /// The embedded coordinator's dashboard, /healthz and /metrics (--http HOST:PORT; with
+    /// --local or --listen).
+    #[command(flatten)]
+    http: crate::http::HttpArgs,
     /// Arguments for pytest, after `--`.
     #[arg(last = true, allow_hyphen_values = true)]
     pytest_args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// The SQLite database that keeps runs (opened read-only).
+    #[arg(long, env = "FLY_DB", default_value = ".fly/fly.db")]
+    db: PathBuf,
+    /// The run to replay: `latest` (the most recent finished run), a run id or an id prefix.
+    #[arg(long, default_value = "latest")]
+    run: String,
+    /// Worker counts to predict, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    workers: Vec<u32>,
+    /// How tests are grouped into units, as for `run` (runs do not record it).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "load", "loadfile", "loadscope", "loadgroup"])]
+    dist: String,
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// The SQLite database that keeps runs (opened read-only).
+    #[arg(long, env = "FLY_DB", default_value = ".fly/fly.db")]
+    db: PathBuf,
+    /// The run: `latest` (the most recently created), a run id or an id prefix.
+    #[arg(long, default_value = "latest")]
+    run: String,
+    /// Where to write the HTML report.
+    #[arg(long, value_name = "OUT")]
+    html: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct RunsArgs {
+    /// The SQLite database that keeps runs (opened read-only).
+    #[arg(long, env = "FLY_DB", default_value = ".fly/fly.db")]
+    db: PathBuf,
+    /// How many runs to list, newest first.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Only runs of this project.
+    #[arg(long)]
+    project: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct SlowestArgs {
+    /// The SQLite database that keeps runs (opened read-only).
+    #[arg(long, env = "FLY_DB", default_value = ".fly/fly.db")]
+    db: PathBuf,
+    /// How many tests to list.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// The project (default: the latest run's).
+    #[arg(long)]
+    project: Option<String>,
+    /// How many recent runs to show durations from.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+}
+
+#[derive(Args, Debug)]
+struct FlakyArgs {
+    /// The SQLite database that keeps runs (opened read-only).
+    #[arg(long, env = "FLY_DB", default_value = ".fly/fly.db")]
+    db: PathBuf,
+    /// The project (default: the latest run's).
+    #[arg(long)]
+    project: Option<String>,
+    /// How many recent runs of the project to look at.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
 }
 
 /// Entry point of the binary.
@@ -101,7 +240,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Run(_) => "warn",
+        Command::Run(_) | Command::Plan(_) => "warn",
+        Command::Report(_) | Command::Runs(_) | Command::Slowest(_) | Command::Flaky(_) => "warn",
     };
     init_tracing(default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -117,7 +257,29 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await.map(|()| exit_code::OK),
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(*args).await,
+            Command::Plan(args) => plan(args),
+            Command::Report(args) => crate::report::report_command(&args.db, &args.run, &args.html)
+                .map(|()| exit_code::OK)
+                .map_err(Into::into),
+            Command::Runs(args) => {
+                crate::report::runs_command(&args.db, args.project.as_deref(), args.limit)
+                    .map(|()| exit_code::OK)
+                    .map_err(Into::into)
+            }
+            Command::Slowest(args) => crate::report::slowest_command(
+                &args.db,
+                args.project.as_deref(),
+                args.limit,
+                args.runs,
+            )
+            .map(|()| exit_code::OK)
+            .map_err(Into::into),
+            Command::Flaky(args) => {
+                crate::report::flaky_command(&args.db, args.project.as_deref(), args.runs)
+                    .map(|()| exit_code::OK)
+                    .map_err(Into::into)
+            }
         }
     });
     // Workers and streams may linger in blocking tasks; never wait for them at exit.
@@ -163,20 +325,38 @@ async fn stop_signal() {
     }
 }
 
+fn plan(args: PlanArgs) -> Result<i32> {
+    let dist = args.dist.parse().map_err(anyhow::Error::msg)?;
+    crate::plan::command(&args.db, &args.run, &args.workers, dist)?;
+    Ok(exit_code::OK)
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
-    let node = Node::start(&args.db, Duration::from_secs(args.agent_timeout.max(1)))?;
+    let security = args.security.security(&args.listen).await?;
+    let mut node = Node::start(&args.db, Duration::from_secs(args.agent_timeout.max(1)))?;
+    node.retain(args.retention.retention());
+    let dashboard = crate::http::Dashboard::start(&args.http, &args.security, &node).await?;
     let (listener, addr) = node::bind(&args.listen).await?;
-    println!("fly-coordinator listening on http://{addr}");
+    println!(
+        "fly-coordinator listening on {}://{addr}",
+        security.scheme()
+    );
+    if let Some(dashboard) = &dashboard {
+        println!("fly-coordinator dashboard on {}", dashboard.url());
+    }
     info!(db = %args.db.display(), "serving");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = node.serve_tcp(listener, async {
+    let server = node.serve_tcp(listener, &security, async {
         let _ = stop_rx.await;
-    });
+    })?;
     stop_signal().await;
     info!("stopping");
     let _ = stop_tx.send(());
     // Agent streams live until their agents hang up; do not wait for them for long.
     let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+    if let Some(dashboard) = dashboard {
+        dashboard.stop().await;
+    }
     node.shutdown().await
 }
 
@@ -190,37 +370,87 @@ fn project_name(explicit: Option<String>, cwd: &Path) -> String {
 
 async fn run(args: RunArgs) -> Result<i32> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    let request = RunRequest {
+    // A `--durations` among pytest's arguments is taken as fly's own (see TerminalArgs).
+    let mut pytest_args = args.pytest_args.clone();
+    let terminal = args.terminal.options(&mut pytest_args);
+    let mut request = RunRequest {
         project: project_name(args.project.clone(), &cwd),
-        pytest_args: args.pytest_args.clone(),
+        pytest_args,
         client_cwd: cwd.to_string_lossy().into_owned(),
         dist: args.dist.clone(),
         no_fork: args.no_fork,
+        timeout_seconds: args.timeout,
+        exports: crate::export::Exports {
+            junit_xml: args.junit_xml.clone(),
+            trace_json: args.trace_json.clone(),
+        },
+        required_labels: crate::labels::requirements(&args.require).map_err(anyhow::Error::msg)?,
+        terminal,
+        resume_of: args.resume.clone(),
+        reruns: args.reruns,
+        flaky_fails: args.flaky_fails,
+        leave_now: None,
     };
+    if args.connect.is_some() && args.http.addr.is_some() {
+        anyhow::bail!(
+            "--http serves the dashboard of the coordinator `run` embeds (--local, --listen); a \
+             farm's dashboard is `serve --http`"
+        );
+    }
     if let Some(url) = &args.connect {
-        let channel = match client::connect(url).await {
-            Ok(channel) => channel,
+        let connected = match args.security.token.resolve() {
+            Ok(token) => {
+                let options = fly_agent::connect::ConnectOptions {
+                    token,
+                    ca: args.ca.clone(),
+                };
+                client::connect(url, &options)
+                    .await
+                    .map(|channel| (channel, options.attach_token()))
+            }
+            Err(err) => Err(err.into()),
+        };
+        let (channel, auth) = match connected {
+            Ok(connected) => connected,
             Err(err) => {
                 eprintln!("fly-coordinator: {err:#}");
                 return Ok(exit_code::INTERNAL_ERROR);
             }
         };
-        return client::run(channel, request).await;
+        return client::run(channel, auth, request).await;
+    }
+    if !request.required_labels.is_empty() && args.listen.is_none() {
+        anyhow::bail!(
+            "--require picks agents of a farm, and the local agent has no labels: use it with \
+             --connect or --listen"
+        );
     }
 
-    // An embedded coordinator: --local, --listen, or both.
+    // An embedded coordinator: --local, --listen, or both. What may refuse to listen is
+    // checked before the database is opened.
+    let security = match &args.listen {
+        Some(listen) => Some(args.security.security(listen).await?),
+        None => None,
+    };
     let local = args.local || args.listen.is_none();
     let node = Node::start(&args.db, Duration::from_secs(args.agent_timeout.max(1)))?;
+    let dashboard = crate::http::Dashboard::start(&args.http, &args.security, &node).await?;
+    if let Some(dashboard) = &dashboard {
+        eprintln!("fly-coordinator dashboard on {}", dashboard.url());
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = match &args.listen {
-        Some(listen) => {
+    let server = match (&args.listen, &security) {
+        (Some(listen), Some(security)) => {
             let (listener, addr) = node::bind(listen).await?;
-            eprintln!("fly-coordinator listening on http://{addr}");
-            Some(node.serve_tcp(listener, async {
+            eprintln!(
+                "fly-coordinator listening on {}://{addr}",
+                security.scheme()
+            );
+            Some(node.serve_tcp(listener, security, async {
                 let _ = stop_rx.await;
-            }))
+            })?)
         }
-        None => None,
+        _ => None,
     };
     let channel = node.in_memory_channel().await?;
     let (agent_stop, agent_shutdown) = fly_agent::shutdown::Shutdown::new();
@@ -233,6 +463,8 @@ async fn run(args: RunArgs) -> Result<i32> {
                 .clone()
                 .unwrap_or_else(fly_agent::default_python),
             labels: Vec::new(),
+            // The local agent is stopped once the run is over: whatever still runs is left over.
+            drain_grace: Duration::from_secs(2),
         };
         let agent_channel = channel.clone();
         Some(tokio::spawn(async move {
@@ -244,9 +476,17 @@ async fn run(args: RunArgs) -> Result<i32> {
     } else {
         None
     };
-    let code = client::run(channel, request).await;
+    // A second Ctrl-C means now: the local workers are killed rather than drained.
+    let (leave_now, mut left_now) = tokio::sync::oneshot::channel();
+    request.leave_now = Some(leave_now);
+    // The in-process connection needs no token.
+    let code = client::run(channel, Default::default(), request).await;
+    let now = left_now.try_recv().is_ok();
     // Let the local workers finish their session teardown before leaving.
     agent_stop.trigger();
+    if now {
+        agent_stop.trigger();
+    }
     if let Some(mut agent) = agent {
         if tokio::time::timeout(LOCAL_AGENT_GRACE, &mut agent)
             .await
@@ -260,6 +500,27 @@ async fn run(args: RunArgs) -> Result<i32> {
     if let Some(server) = server {
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     }
+    if let Some(dashboard) = dashboard {
+        dashboard.stop().await;
+    }
+    if now {
+        // Writes the database cannot take right now (locked, disk full) are given up on.
+        if tokio::time::timeout(STOP_NOW_WAIT, node.shutdown())
+            .await
+            .is_err()
+        {
+            eprintln!("fly-coordinator: stopped before every write reached the database");
+        }
+        return code;
+    }
     node.shutdown().await?;
     code
+}
+
+/// `run --timeout`: a number of seconds, at least 0.
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Ok(seconds),
+        _ => Err(format!("expected a number of seconds >= 0, got {s:?}")),
+    }
 }

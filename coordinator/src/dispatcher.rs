@@ -25,9 +25,14 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use tracing::{debug, info, warn};
 
+use crate::observe::{Observation, Watch};
 use crate::scheduler::{Action, AgentSlot, Event, LeaseStatus, Scheduler, WorkerKey};
 use crate::store::{History, Store, Write};
 use crate::units::{self, Dist};
+
+mod reruns;
+mod resume;
+mod snapshot;
 
 pub type AgentTx = mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>;
 pub type FollowerTx = mpsc::UnboundedSender<Result<RunEvent, Status>>;
@@ -50,7 +55,15 @@ pub enum Input {
     Submit {
         request: SubmitRequest,
         tx: FollowerTx,
-        reply: oneshot::Sender<String>,
+        /// The run's id, or why it was refused (a `--resume` of a run that cannot be resumed).
+        reply: oneshot::Sender<Result<String, Status>>,
+    },
+    /// The recorded run a `run --resume` submission carries on with, read from the store.
+    ResumeLoaded {
+        request: SubmitRequest,
+        tx: FollowerTx,
+        reply: oneshot::Sender<Result<String, Status>>,
+        recorded: Result<crate::store::RecordedRun, crate::store::LookupError>,
     },
     Follow {
         run_id: String,
@@ -69,29 +82,61 @@ pub enum Input {
         run_id: String,
         history: Arc<History>,
     },
+    /// A snapshot of runs in progress, agents and metrics, for the dashboard and `/metrics`.
+    Observe {
+        reply: oneshot::Sender<Observation>,
+    },
 }
+
+/// Agent messages (and the end of an agent's stream) the dispatcher has not taken yet. Past
+/// this, the agents' stream readers wait, and gRPC flow control slows the agents down.
+const AGENT_INPUT_BACKLOG: usize = 64;
 
 /// A cheap handle for sending inputs to the dispatcher task.
 #[derive(Clone)]
 pub struct DispatcherHandle {
     tx: mpsc::UnboundedSender<Input>,
+    agents: mpsc::Sender<Input>,
 }
 
 impl DispatcherHandle {
-    /// Returns false when the dispatcher has stopped.
+    /// Sends a control input (joins, submissions, follows, timers). Returns false when the
+    /// dispatcher has stopped.
     pub fn send(&self, input: Input) -> bool {
         self.tx.send(input).is_ok()
+    }
+
+    /// Sends what an agent's stream carried ([`Input::AgentMessage`], [`Input::AgentGone`]),
+    /// waiting while the dispatcher is behind: agent traffic is what can outrun the
+    /// coordinator, so it is the part that waits. One channel keeps each agent's messages and
+    /// its departure in order. Returns false when the dispatcher has stopped.
+    pub async fn send_from_agent(&self, input: Input) -> bool {
+        self.agents.send(input).await.is_ok()
     }
 }
 
 /// Starts the dispatcher task.
 pub fn spawn(store: Store) -> (DispatcherHandle, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let handle = DispatcherHandle { tx };
-    let mut dispatcher = Dispatcher::new(store, handle.clone());
+    let (agents, mut agent_rx) = mpsc::channel(AGENT_INPUT_BACKLOG);
+    let handle = DispatcherHandle { tx, agents };
+    let mut dispatcher = Dispatcher::new(store.clone(), handle.clone());
     let join = tokio::spawn(async move {
-        while let Some(input) = rx.recv().await {
-            dispatcher.handle(input, Instant::now());
+        loop {
+            // Agent traffic is taken only while the store keeps up, so memory stays bounded
+            // when the farm reports faster than SQLite commits; control inputs always flow.
+            let input = tokio::select! {
+                biased;
+                input = rx.recv() => input,
+                input = async {
+                    store.room().await;
+                    agent_rx.recv().await
+                } => input,
+            };
+            match input {
+                Some(input) => dispatcher.handle(input, Instant::now()),
+                None => break,
+            }
         }
     });
     (handle, join)
@@ -113,6 +158,8 @@ struct AgentConn {
     tx: AgentTx,
     /// The run this agent serves now.
     run: Option<String>,
+    /// `fly-agent --label` pairs: which runs it may serve.
+    labels: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,16 +200,24 @@ struct CurrentAttempt {
 
 struct RunState {
     id: String,
+    /// `run --require` pairs: only agents carrying all of them serve the run.
+    required_labels: HashMap<String, String>,
     project: String,
     args: Vec<String>,
     dist: Dist,
     no_fork: bool,
+    timeout_seconds: f64,
     /// The project's history; `None` until read.
     history: Option<Arc<History>>,
     /// Workers that asked for work before the scheduler existed (history still loading).
     early_wants: Vec<WorkerKey>,
     /// An agent was asked for the full collection.
     list_requested: bool,
+    /// The agent asked for the full list while the run has none.
+    lister: Option<AgentSlot>,
+    /// Agents that sent only a digest while the lister's list is on its way: judged once the
+    /// run has its collection.
+    held_digests: Vec<(AgentSlot, PartialCollection)>,
     started: Instant,
     phase: RunPhase,
     collection: Option<Arc<Vec<CollectedTest>>>,
@@ -175,6 +230,10 @@ struct RunState {
     phases: HashMap<u64, CurrentAttempt>,
     counts: Counts,
     followers: Vec<FollowerTx>,
+    /// `--reruns`, `--flaky-fails`, flaky tests so far, agents gone (to name lost tests).
+    reruns: reruns::Reruns,
+    /// `run --resume`: the recorded results this run carries on with.
+    resume: Option<resume::Resume>,
 }
 
 impl RunState {
@@ -209,6 +268,26 @@ impl RunState {
                 .filter_map(|s| agents.get(s))
                 .map(|a| a.workers)
                 .sum(),
+            running: {
+                // A few tests a follower can name as running: those whose first report is in.
+                const SHOWN: usize = 8;
+                let mut tests: Vec<u32> = self
+                    .phases
+                    .values()
+                    .filter_map(|attempt| attempt.reports.first())
+                    .map(|report| report.test_index)
+                    .collect();
+                tests.sort_unstable();
+                tests
+                    .iter()
+                    .filter_map(|t| self.collection.as_ref()?.get(*t as usize))
+                    .take(SHOWN)
+                    .map(|test| test.nodeid.clone())
+                    .collect()
+            },
+            // The scheduler keeps no estimate of the leased work still running, so the
+            // coordinator offers none: clients estimate from their own progress.
+            eta_seconds: 0.0,
         }
     }
 }
@@ -224,6 +303,8 @@ pub struct Dispatcher {
     outbox: HashMap<AgentSlot, Work>,
     /// Our own input channel, for work done off the loop that reports back (history reads).
     inputs: DispatcherHandle,
+    /// Agents' machines, each worker's current test and the metrics, for [`Input::Observe`].
+    watch: Watch,
 }
 
 impl Dispatcher {
@@ -236,6 +317,7 @@ impl Dispatcher {
             runs: HashMap::new(),
             queue: Vec::new(),
             outbox: HashMap::new(),
+            watch: Watch::new(),
         }
     }
 
@@ -244,7 +326,18 @@ impl Dispatcher {
             Input::AgentJoined { hello, tx, reply } => self.agent_joined(hello, tx, reply),
             Input::AgentMessage { slot, message } => self.agent_message(slot, message, now),
             Input::AgentGone { slot, reason } => self.agent_gone(slot, &reason, now),
-            Input::Submit { request, tx, reply } => self.submit(request, tx, reply, now),
+            Input::Submit { request, tx, reply } if !request.resume_of.is_empty() => {
+                self.load_resumed(request, tx, reply)
+            }
+            Input::Submit { request, tx, reply } => {
+                self.submit(request, tx, reply, now);
+            }
+            Input::ResumeLoaded {
+                request,
+                tx,
+                reply,
+                recorded,
+            } => self.resume_loaded(request, tx, reply, recorded, now),
             Input::Follow { run_id, tx } => self.follow(&run_id, tx),
             Input::Cancel { run_id, reason } => self.cancel(&run_id, &reason),
             Input::SubmitterGone { run_id } => {
@@ -262,8 +355,10 @@ impl Dispatcher {
                     self.start_scheduler(&run_id, now);
                 }
             }
+            Input::Observe { reply } => self.observe(reply),
         }
         self.flush_outbox();
+        self.watch.dispatched(now);
     }
 
     fn flush_outbox(&mut self) {
@@ -318,9 +413,12 @@ impl Dispatcher {
                 coordinator_id: String::new(),
             })),
         }));
+        let labels = hello.labels.clone();
+        self.watch.agent_joined(slot, &hello);
         self.agents.insert(
             slot,
             AgentConn {
+                labels,
                 id: hello.agent_id,
                 hostname: hello.hostname,
                 workers: hello.workers.max(1),
@@ -341,6 +439,7 @@ impl Dispatcher {
         let Some(agent) = self.agents.remove(&slot) else {
             return;
         };
+        self.watch.agent_left(slot);
         info!(agent = %agent.id, host = %agent.hostname, %reason, "agent left");
         self.store.write(Write::AgentDisconnected {
             agent_id: agent.id.clone(),
@@ -351,6 +450,12 @@ impl Dispatcher {
             if let Some(run) = self.runs.get_mut(&run_id) {
                 run.members.remove(&slot);
                 run.partial.remove(&slot);
+                run.held_digests.retain(|(s, _)| *s != slot);
+                run.early_wants.retain(|k| k.agent != slot);
+                // A test lost with this agent may end later; its result names the agent.
+                run.reruns
+                    .departed
+                    .insert(slot, (agent.hostname.clone(), agent.id.clone()));
                 let message = format!(
                     "agent {} ({}) left: {reason}; its tests go back to the queue",
                     agent.hostname, agent.id
@@ -383,9 +488,12 @@ impl Dispatcher {
                 .queue
                 .iter()
                 .find(|id| {
-                    self.runs
-                        .get(*id)
-                        .is_some_and(|r| !r.members.contains_key(&slot))
+                    self.runs.get(*id).is_some_and(|r| {
+                        !r.members.contains_key(&slot)
+                            && self.agents.get(&slot).is_some_and(|a| {
+                                crate::labels::satisfies(&a.labels, &r.required_labels)
+                            })
+                    })
                 })
                 .cloned()
             else {
@@ -406,6 +514,9 @@ impl Dispatcher {
         run.members.insert(slot, Membership::Joining);
         let want_collection = run.collection.is_none() && !run.list_requested;
         run.list_requested |= want_collection;
+        if want_collection {
+            run.lister = Some(slot);
+        }
         let start = StartRun {
             run_id: run_id.to_string(),
             pytest_args: run.args.clone(),
@@ -415,6 +526,7 @@ impl Dispatcher {
             want_collection,
             expected_digest: run.digest.clone(),
             no_fork: run.no_fork,
+            timeout_seconds: run.timeout_seconds,
         };
         let message = format!(
             "agent {} joined the run with {} workers",
@@ -433,13 +545,27 @@ impl Dispatcher {
         if run.collection.is_some() {
             return;
         }
-        let slots: Vec<AgentSlot> = run
-            .members
-            .iter()
-            .filter(|(_, m)| **m == Membership::Joining)
-            .map(|(s, _)| *s)
-            .collect();
-        for slot in slots {
+        if run
+            .lister
+            .is_some_and(|l| run.members.get(&l) == Some(&Membership::Joining))
+        {
+            return;
+        }
+        // The lister left: ask one agent that already collected (else any joining one).
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let next = if run.held_digests.is_empty() {
+            run.members
+                .iter()
+                .filter(|(_, m)| **m == Membership::Joining)
+                .map(|(s, _)| *s)
+                .min()
+        } else {
+            Some(run.held_digests.remove(0).0)
+        };
+        run.lister = next;
+        if let Some(slot) = next {
             self.send_to(
                 slot,
                 coordinator_message::Kind::SendCollection(SendCollection {
@@ -459,8 +585,27 @@ impl Dispatcher {
                 warn!(slot, "second hello from an agent ignored");
             }
             agent_message::Kind::Collected(collected) => self.collected(slot, collected, now),
-            agent_message::Kind::CollectionFailed(failed) => self.collection_failed(slot, failed),
+            agent_message::Kind::CollectionFailed(failed) => {
+                self.collection_failed(slot, failed, now)
+            }
             agent_message::Kind::Events(events) => self.worker_events(slot, events, now),
+            agent_message::Kind::Unhealthy(unhealthy) => {
+                let host = self
+                    .agents
+                    .get(&slot)
+                    .map(|a| a.hostname.clone())
+                    .unwrap_or_default();
+                warn!(host = %host, reason = %unhealthy.reason, "agent unhealthy; it leaves the run");
+                if let Some(run) = self.runs.get_mut(&unhealthy.run_id) {
+                    run.broadcast(run_event::Kind::Notice(AgentNotice {
+                        run_id: unhealthy.run_id.clone(),
+                        message: format!(
+                            "{host}: unhealthy, leaving the run: {}",
+                            unhealthy.reason
+                        ),
+                    }));
+                }
+            }
             agent_message::Kind::Notice(notice) => {
                 let host = self
                     .agents
@@ -494,6 +639,12 @@ impl Dispatcher {
         let Some(run) = self.runs.get_mut(&run_id) else {
             return;
         };
+        if run.members.get(&slot) == Some(&Membership::Accepted) {
+            // Its collection was judged already and it may hold work: judging it again could
+            // take it out of the run with its leases.
+            warn!(slot, run = %run_id, "a second collection from an accepted agent ignored");
+            return;
+        }
         let partial = run.partial.entry(slot).or_default();
         partial.has_list |= !chunk.tests.is_empty();
         partial.tests.extend(chunk.tests);
@@ -509,11 +660,19 @@ impl Dispatcher {
         };
         if run.collection.is_none() {
             if partial.total > 0 && !partial.has_list {
-                // Only a digest arrived (another agent was meant to send the list): ask.
-                self.send_to(
-                    slot,
-                    coordinator_message::Kind::SendCollection(SendCollection { run_id }),
-                );
+                let lister_on_its_way = run.lister.is_some_and(|l| {
+                    l != slot && run.members.get(&l) == Some(&Membership::Joining)
+                });
+                if lister_on_its_way {
+                    // The list is coming from another agent: judge this digest against it.
+                    run.held_digests.push((slot, partial));
+                } else {
+                    run.lister = Some(slot);
+                    self.send_to(
+                        slot,
+                        coordinator_message::Kind::SendCollection(SendCollection { run_id }),
+                    );
+                }
                 return;
             }
             if partial.tests.len() != partial.total as usize {
@@ -525,12 +684,29 @@ impl Dispatcher {
                         partial.tests.len(),
                         partial.total
                     ),
+                    now,
                 );
                 return;
             }
             self.accept_first_collection(slot, &run_id, partial, now);
             return;
         }
+        self.compare_collection(slot, &run_id, partial, now);
+    }
+
+    /// Judges an agent's collection against the run's: the same digest joins the run, another
+    /// one is refused with the differing ids named (asking for the list first if needed).
+    fn compare_collection(
+        &mut self,
+        slot: AgentSlot,
+        run_id: &str,
+        partial: PartialCollection,
+        now: Instant,
+    ) {
+        let run_id = run_id.to_string();
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
         if partial.digest == run.digest {
             run.members.insert(slot, Membership::Accepted);
             if let (Some(scheduler), Some(agent)) = (run.scheduler.as_mut(), self.agents.get(&slot))
@@ -545,6 +721,7 @@ impl Dispatcher {
                 accepted: true,
                 reason: String::new(),
             });
+            self.replay_wants(&run_id, now);
             return;
         }
         if !partial.has_list && partial.total > 0 {
@@ -561,7 +738,7 @@ impl Dispatcher {
             Some(ours) => describe_difference(ours, &theirs, partial.total),
             None => "a different collection".to_string(),
         };
-        self.refuse(slot, &run_id, reason);
+        self.refuse(slot, &run_id, reason, now);
     }
 
     fn accept_first_collection(
@@ -613,6 +790,38 @@ impl Dispatcher {
             return;
         }
         self.start_scheduler(run_id, now);
+        let held = self
+            .runs
+            .get_mut(run_id)
+            .map(|r| std::mem::take(&mut r.held_digests))
+            .unwrap_or_default();
+        for (other, partial) in held {
+            if self.serves(other, run_id) {
+                self.compare_collection(other, run_id, partial, now);
+            }
+        }
+    }
+
+    /// Answers work requests that arrived before the scheduler existed or before their agent's
+    /// collection was accepted.
+    fn replay_wants(&mut self, run_id: &str, now: Instant) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let Some(scheduler) = run.scheduler.as_mut() else {
+            return;
+        };
+        let members = &run.members;
+        let (ready, waiting): (Vec<WorkerKey>, Vec<WorkerKey>) =
+            std::mem::take(&mut run.early_wants)
+                .into_iter()
+                .partition(|key| members.get(&key.agent) == Some(&Membership::Accepted));
+        run.early_wants = waiting;
+        let mut actions = Vec::new();
+        for key in ready {
+            actions.extend(scheduler.handle(Event::WantWork(key), now));
+        }
+        self.apply(run_id, actions);
     }
 
     /// Builds the run's units and scheduler once both its collection and its history are in,
@@ -638,20 +847,19 @@ impl Dispatcher {
             "scheduling"
         );
         let mut scheduler = Scheduler::new(units, estimates);
+        resume::skip_recorded(run, &self.agents, &tests, &mut scheduler);
+        scheduler.set_reruns(run.reruns.limit);
         for (slot, membership) in &run.members {
             if let (Membership::Accepted, Some(agent)) = (membership, self.agents.get(slot)) {
                 scheduler.add_agent(*slot, agent.workers, agent.speed);
             }
         }
-        let mut actions = Vec::new();
-        for key in std::mem::take(&mut run.early_wants) {
-            actions.extend(scheduler.handle(Event::WantWork(key), now));
-        }
         run.scheduler = Some(scheduler);
-        self.apply(run_id, actions);
+        self.replay_wants(run_id, now);
+        self.finish_if_all_recorded(run_id);
     }
 
-    fn refuse(&mut self, slot: AgentSlot, run_id: &str, reason: String) {
+    fn refuse(&mut self, slot: AgentSlot, run_id: &str, reason: String, now: Instant) {
         let (host, agent_id) = self
             .agents
             .get(&slot)
@@ -661,8 +869,16 @@ impl Dispatcher {
             "agent {host} ({agent_id}) takes no work in this run: its checkout differs: {reason}"
         );
         warn!(run = %run_id, "{message}");
+        let mut requeued = Vec::new();
         if let Some(run) = self.runs.get_mut(run_id) {
             run.members.insert(slot, Membership::Refused);
+            run.early_wants.retain(|k| k.agent != slot);
+            // An agent refused after it was accepted (its pytest failed mid-run) may hold
+            // leases: they go back to the queue now, since its departure will no longer concern
+            // this run. For an agent the scheduler never had, this changes nothing.
+            if let Some(scheduler) = run.scheduler.as_mut() {
+                requeued = scheduler.handle(Event::AgentLost(slot), now);
+            }
             run.broadcast(run_event::Kind::Notice(AgentNotice {
                 run_id: run_id.to_string(),
                 message: message.clone(),
@@ -686,10 +902,11 @@ impl Dispatcher {
         if let Some(agent) = self.agents.get_mut(&slot) {
             agent.run = None;
         }
+        self.apply(run_id, requeued);
         self.assign_idle_agents();
     }
 
-    fn collection_failed(&mut self, slot: AgentSlot, failed: CollectionFailed) {
+    fn collection_failed(&mut self, slot: AgentSlot, failed: CollectionFailed, now: Instant) {
         if !self.serves(slot, &failed.run_id) {
             return;
         }
@@ -715,7 +932,7 @@ impl Dispatcher {
                 reason.push_str(":\n");
                 reason.push_str(&tail);
             }
-            self.refuse(slot, &run_id, reason);
+            self.refuse(slot, &run_id, reason, now);
         }
     }
 
@@ -736,9 +953,24 @@ impl Dispatcher {
         let Some(run) = self.runs.get_mut(&run_id) else {
             return;
         };
-        if run.members.get(&slot) != Some(&Membership::Accepted) {
-            debug!(slot, run = %run_id, "worker events from an agent not accepted in the run");
-            return;
+        match run.members.get(&slot) {
+            Some(Membership::Accepted) => {}
+            Some(Membership::Joining) => {
+                // Its collection is still being judged: remember who asked.
+                for event in events.events {
+                    if let Some(worker_event::Kind::WantWork(_)) = event.kind {
+                        run.early_wants.push(WorkerKey {
+                            agent: slot,
+                            worker: event.worker,
+                        });
+                    }
+                }
+                return;
+            }
+            _ => {
+                debug!(slot, run = %run_id, "worker events from an agent not accepted in the run");
+                return;
+            }
         }
         let Some(collection) = run.collection.clone() else {
             return;
@@ -766,9 +998,18 @@ impl Dispatcher {
             };
             match kind {
                 worker_event::Kind::WantWork(_) => {
+                    self.watch.want_work();
                     actions.extend(scheduler.handle(Event::WantWork(key), now));
                 }
                 worker_event::Kind::Started(started) => {
+                    self.watch.test_started(
+                        slot,
+                        key.worker,
+                        &run_id,
+                        started.lease,
+                        started.test_index,
+                        started.at,
+                    );
                     actions.extend(scheduler.handle(
                         Event::Started {
                             lease: started.lease,
@@ -777,6 +1018,7 @@ impl Dispatcher {
                     ));
                 }
                 worker_event::Kind::Report(report) => {
+                    self.watch.report_received(report.stop);
                     let status = scheduler.lease_status(report.lease);
                     let (test, current) = match status {
                         LeaseStatus::Current { test, worker } if worker == key => (test, true),
@@ -825,18 +1067,19 @@ impl Dispatcher {
                     }
                 }
                 worker_event::Kind::Finished(finished) => {
-                    let seconds = run
-                        .phases
-                        .get(&finished.lease)
+                    self.watch.test_ended(slot, key.worker, finished.lease);
+                    let attempt = run.phases.get(&finished.lease);
+                    let seconds = attempt
                         .map(|a| a.reports.iter().map(|r| r.duration).sum())
                         .unwrap_or(0.0);
-                    actions.extend(scheduler.handle(
-                        Event::Finished {
-                            lease: finished.lease,
-                            seconds,
-                        },
-                        now,
-                    ));
+                    let lease = finished.lease;
+                    // A failed attempt may run again (`--reruns`); the scheduler decides.
+                    let event = if reruns::attempt_failed(attempt) {
+                        Event::Failed { lease, seconds }
+                    } else {
+                        Event::Finished { lease, seconds }
+                    };
+                    actions.extend(scheduler.handle(event, now));
                 }
                 worker_event::Kind::Revoked(revoked) => {
                     actions.extend(scheduler.handle(
@@ -851,6 +1094,7 @@ impl Dispatcher {
                     if !exited.reason.is_empty() && exited.reason != "shutdown" {
                         warn!(agent = %agent_id, worker = key.worker, reason = %exited.reason, "worker exited");
                     }
+                    self.watch.worker_exited(slot, key.worker);
                     actions.extend(scheduler.handle(
                         Event::WorkerExited {
                             worker: key,
@@ -906,11 +1150,21 @@ impl Dispatcher {
                     );
                 }
                 Action::TestDone { test, lease } => self.test_done(run_id, test, lease),
+                Action::Rerun { test, lease } => self.test_rerun(run_id, test, lease),
+                Action::TestAbandoned {
+                    test,
+                    lease,
+                    lost_on,
+                } => self.test_abandoned(run_id, test, lease, &lost_on),
                 Action::RunDone => run_done = true,
             }
         }
         if run_done {
-            let failed = self.runs.get(run_id).is_some_and(|r| r.counts.any_failed());
+            // A flaky test counts as passed, unless `--flaky-fails`.
+            let failed = self
+                .runs
+                .get(run_id)
+                .is_some_and(|r| r.counts.any_failed() || r.reruns.fail_the_run());
             let code = if failed {
                 exit_code::TESTS_FAILED
             } else {
@@ -951,11 +1205,13 @@ impl Dispatcher {
         } else {
             final_outcome(outcome_input)
         };
+        self.watch.test_finished(&outcome);
         let attempts = run
             .scheduler
             .as_ref()
             .map(|s| s.attempts(test))
             .unwrap_or(1);
+        let flaky = reruns::is_flaky(run.scheduler.as_ref(), test, &outcome);
         let interesting = matches!(outcome.as_str(), "failed" | "error")
             || phases
                 .iter()
@@ -985,9 +1241,12 @@ impl Dispatcher {
                         Vec::new()
                     },
                     message: r.message.clone(),
+                    start: r.start,
+                    stop: r.stop,
                 })
                 .collect(),
             attempts,
+            flaky,
         };
         self.store.write(Write::TestResult {
             run_id: run_id.to_string(),
@@ -1001,6 +1260,7 @@ impl Dispatcher {
             worker: attempt.worker,
         });
         run.broadcast(run_event::Kind::Result(result));
+        self.record_result_details(run_id, test, flaky);
     }
 
     // --- runs --------------------------------------------------------------------------------
@@ -1026,13 +1286,14 @@ impl Dispatcher {
         });
     }
 
+    /// Creates a run and returns its id.
     fn submit(
         &mut self,
         request: SubmitRequest,
         tx: FollowerTx,
-        reply: oneshot::Sender<String>,
+        reply: oneshot::Sender<Result<String, Status>>,
         now: Instant,
-    ) {
+    ) -> String {
         let run_id = uuid::Uuid::new_v4().to_string();
         info!(run = %run_id, project = %request.project, args = ?request.pytest_args, "run submitted");
         self.store.write(Write::RunCreated {
@@ -1048,11 +1309,18 @@ impl Dispatcher {
             id: run_id.clone(),
             project: request.project,
             args: request.pytest_args,
+            required_labels: request.required_labels,
             dist,
             no_fork: request.no_fork,
+            // `run --timeout`: 0 (or nonsense) means no limit.
+            timeout_seconds: Some(request.timeout_seconds)
+                .filter(|t| t.is_finite() && *t > 0.0)
+                .unwrap_or(0.0),
             history: None,
             early_wants: Vec::new(),
             list_requested: false,
+            lister: None,
+            held_digests: Vec::new(),
             started: now,
             phase: RunPhase::Collecting,
             collection: None,
@@ -1064,6 +1332,12 @@ impl Dispatcher {
             phases: HashMap::new(),
             counts: Counts::default(),
             followers: vec![tx],
+            reruns: reruns::Reruns {
+                limit: request.reruns,
+                flaky_fails: request.flaky_fails,
+                ..Default::default()
+            },
+            resume: None,
         };
         let waiting = if self.agents.values().any(|a| a.run.is_none()) {
             "starting".to_string()
@@ -1076,8 +1350,9 @@ impl Dispatcher {
         run.broadcast(run_event::Kind::Status(status));
         self.runs.insert(run_id.clone(), run);
         self.queue.push(run_id.clone());
-        let _ = reply.send(run_id);
+        let _ = reply.send(Ok(run_id.clone()));
         self.assign_idle_agents();
+        run_id
     }
 
     fn follow(&mut self, run_id: &str, tx: FollowerTx) {
@@ -1109,12 +1384,12 @@ impl Dispatcher {
             .is_some_and(|r| r.phase != RunPhase::Finished)
         {
             info!(run = %run_id, %reason, "run cancelled");
-            self.finish(
-                run_id,
-                exit_code::INTERRUPTED,
-                String::new(),
-                format!("run cancelled: {reason}"),
-            );
+            let message = self
+                .runs
+                .get(run_id)
+                .map(|run| resume::interrupted_message(run, reason))
+                .unwrap_or_default();
+            self.finish(run_id, exit_code::INTERRUPTED, String::new(), message);
         }
     }
 
@@ -1129,6 +1404,7 @@ impl Dispatcher {
         }
         let cancelled = code == exit_code::INTERRUPTED;
         run.phase = RunPhase::Finished;
+        self.watch.run_ended(run_id);
         let wall = run.started.elapsed().as_secs_f64();
         let slots: Vec<AgentSlot> = run.members.keys().copied().collect();
         for slot in slots {

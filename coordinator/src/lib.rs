@@ -4,12 +4,22 @@
 //! Data flows one way through these modules: [`server`] turns gRPC streams into dispatcher
 //! inputs; [`dispatcher`] owns all run state and asks the pure [`scheduler`] what to hand out;
 //! [`store`] persists on a thread of its own; [`client`] and [`terminal`] are the `run`
-//! command's side; [`node`] wires a coordinator into this process.
+//! command's side, and [`export`] writes its JUnit XML and trace files; [`node`] wires a
+//! coordinator into this process; [`report`] reads the record back for the `report`, `runs`,
+//! `slowest` and `flaky` commands; [`http`] serves the live dashboard, `/healthz` and
+//! `/metrics` from the dispatcher's [`observe`] snapshots.
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod dispatcher;
+pub mod export;
+pub mod http;
+pub mod labels;
 pub mod node;
+pub mod observe;
+pub mod plan;
+pub mod report;
 pub mod scheduler;
 pub mod server;
 pub mod store;

@@ -20,6 +20,12 @@
 //!   work from the back of the queue rather than a long test it would finish last.
 //! - **Leases.** Every attempt at a test is a lease with a run-unique number. A test has at most
 //!   one current lease; reports for any other lease are superseded and change nothing.
+//! - **Reruns.** With `run --reruns N` a test whose attempt failed goes back to the queue front
+//!   up to N times, preferably to a worker that has not failed it; only its last attempt is its
+//!   result.
+//! - **Bounded requeues.** A test running when its worker or agent was lost is requeued at most
+//!   [`MAX_LOST_ATTEMPTS`] times; the next loss ends it (a test that kills its agent would
+//!   otherwise take down every agent of the farm, one after another, forever).
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Instant;
@@ -51,6 +57,9 @@ pub enum Event {
     Started { lease: u64 },
     /// The lease's test ran to its end (teardown reported), taking `seconds` on its worker.
     Finished { lease: u64, seconds: f64 },
+    /// Like [`Event::Finished`], for an attempt whose outcome is a failure (`failed` or
+    /// `error`): with reruns left, the test runs again instead of ending.
+    Failed { lease: u64, seconds: f64 },
     /// The worker gave back these leases, unstarted, when asked to.
     Revoked { worker: WorkerKey, leases: Vec<u64> },
     /// The worker process is gone; `unstarted` are leases it held but never began.
@@ -75,6 +84,17 @@ pub enum Action {
     Revoke { worker: WorkerKey, leases: Vec<u64> },
     /// The lease was the test's current attempt and it finished: the test has its result.
     TestDone { test: u32, lease: u64 },
+    /// The lease was the test's current attempt and it failed, with reruns left: the test goes
+    /// back to the queue. The lease's reports are history, not the result.
+    Rerun { test: u32, lease: u64 },
+    /// The test was running when its worker or agent was lost, more than
+    /// [`MAX_LOST_ATTEMPTS`] times: it ends without running again. `lease` is its last
+    /// attempt; `lost_on` the workers lost with it, oldest first.
+    TestAbandoned {
+        test: u32,
+        lease: u64,
+        lost_on: Vec<WorkerKey>,
+    },
     /// Every test has its result.
     RunDone,
 }
@@ -134,6 +154,10 @@ const UNKNOWN_TEST_SECONDS: f64 = 0.1;
 const MIN_TAKE_BACK_SECONDS: f64 = 0.01;
 /// A worker this much slower than the fastest leaves long tests to faster ones.
 const SLOW_WORKER: f64 = 0.8;
+/// How many times a test may be requeued because the worker or agent running it was lost.
+/// The loss after that ends the test as an error: three different machines going down under
+/// the same test is no longer bad luck.
+pub const MAX_LOST_ATTEMPTS: u32 = 3;
 
 #[derive(Debug)]
 pub struct Scheduler {
@@ -152,15 +176,28 @@ pub struct Scheduler {
     leases: HashMap<u64, LeaseInfo>,
     /// Leases asked back and not yet answered.
     revoking: HashSet<u64>,
+    /// Idle workers waiting for work being taken back from another worker (the key). They are
+    /// not told "nothing for now" meanwhile: that would make them tear down their session
+    /// fixtures only to set them up again for the tests taken back.
+    awaiting: HashMap<WorkerKey, WorkerKey>,
     next_lease: u64,
     done: usize,
     run_done_sent: bool,
     /// Sum and count of observed durations (reference seconds) of tests without history.
     observed: (f64, u32),
-    /// Off by default: a worker told "nothing for now" tears down its session fixtures, so
-    /// handing it taken-back tests sets them up a second time on that worker. It comes back on
-    /// once idle workers can wait for the take-back without being told so.
-    take_back_enabled: bool,
+    /// What the queue holds, kept up to date on every push and pop so that answering a worker
+    /// never walks the queue: the known costs, and how many tests have none.
+    queued_known: f64,
+    queued_unknown: usize,
+    /// How many times a failed test runs again (`run --reruns`).
+    reruns: u32,
+    /// Per test, its failed attempts that were run again.
+    failures: Vec<u32>,
+    /// Per test with failed attempts, the workers that failed it: its reruns go elsewhere
+    /// while another worker is live.
+    avoid: HashMap<u32, Vec<WorkerKey>>,
+    /// Per test, the workers lost while running it, oldest first.
+    lost_on: HashMap<u32, Vec<WorkerKey>>,
 }
 
 impl Scheduler {
@@ -187,7 +224,7 @@ impl Scheduler {
     pub fn new(mut units: Vec<Unit>, estimates: Estimates) -> Scheduler {
         let count = estimates.per_test.len();
         units.sort_by(|a, b| b.cost.total_cmp(&a.cost));
-        Scheduler {
+        let mut scheduler = Scheduler {
             tests: vec![TestState::Queued; count],
             attempts: vec![0; count],
             estimate: estimates.per_test,
@@ -198,12 +235,93 @@ impl Scheduler {
             calibrated: HashMap::new(),
             leases: HashMap::new(),
             revoking: HashSet::new(),
+            awaiting: HashMap::new(),
             next_lease: 1,
             done: 0,
             run_done_sent: false,
             observed: (0.0, 0),
-            take_back_enabled: false,
+            queued_known: 0.0,
+            queued_unknown: 0,
+            reruns: 0,
+            failures: vec![0; count],
+            avoid: HashMap::new(),
+            lost_on: HashMap::new(),
+        };
+        for unit in &scheduler.queue {
+            let (known, unknown) = scheduler.unit_parts(unit);
+            scheduler.queued_known += known;
+            scheduler.queued_unknown += unknown;
         }
+        scheduler
+    }
+
+    /// Counts these tests as finished without running them: a resumed run's tests that already
+    /// have a result from the run it carries on with. They leave the queue (a unit left empty
+    /// goes), so no worker is handed them. Call it before any work is handed out.
+    pub fn skip(&mut self, tests: &[u32]) {
+        let mut skipped = HashSet::new();
+        for &test in tests {
+            if let Some(state @ TestState::Queued) = self.tests.get_mut(test as usize) {
+                *state = TestState::Done;
+                skipped.insert(test);
+            }
+        }
+        if skipped.is_empty() {
+            return;
+        }
+        self.done += skipped.len();
+        let units: Vec<Unit> = std::mem::take(&mut self.queue)
+            .into_iter()
+            .filter_map(|mut unit| {
+                unit.tests.retain(|t| !skipped.contains(t));
+                (!unit.tests.is_empty()).then_some(unit)
+            })
+            .collect();
+        self.queued_known = 0.0;
+        self.queued_unknown = 0;
+        for unit in &units {
+            let (known, unknown) = self.unit_parts(unit);
+            self.queued_known += known;
+            self.queued_unknown += unknown;
+        }
+        self.queue = units.into();
+    }
+
+    /// A unit's known cost and its number of tests without history.
+    fn unit_parts(&self, unit: &Unit) -> (f64, usize) {
+        let mut known = 0.0;
+        let mut unknown = 0;
+        for test in &unit.tests {
+            let i = *test as usize;
+            if self.known.get(i).copied().unwrap_or(false) {
+                known += self.estimate[i];
+            } else {
+                unknown += 1;
+            }
+        }
+        (known, unknown)
+    }
+
+    fn push_front(&mut self, unit: Unit) {
+        let (known, unknown) = self.unit_parts(&unit);
+        self.queued_known += known;
+        self.queued_unknown += unknown;
+        self.queue.push_front(unit);
+    }
+
+    /// Takes the next unit for `key` off the queue (see [`Scheduler::next_unit`]).
+    fn pop(&mut self, key: WorkerKey, from_back: bool) -> Option<Unit> {
+        let index = self.next_unit(key, from_back)?;
+        let unit = self.queue.remove(index)?;
+        let (known, unknown) = self.unit_parts(&unit);
+        self.queued_known = (self.queued_known - known).max(0.0);
+        self.queued_unknown = self.queued_unknown.saturating_sub(unknown);
+        Some(unit)
+    }
+
+    /// Expected work left in the queue, in reference seconds.
+    fn remaining(&self) -> f64 {
+        self.queued_known + self.queued_unknown as f64 * self.unknown_cost()
     }
 
     pub fn test_count(&self) -> usize {
@@ -218,14 +336,25 @@ impl Scheduler {
         self.done == self.tests.len()
     }
 
-    /// How many times the test was handed out.
+    /// How many times the test ran or may have run: leases handed out, less those given back
+    /// unstarted (taken back, or held by a worker or agent that was lost before starting them).
     pub fn attempts(&self, test: u32) -> u32 {
         self.attempts.get(test as usize).copied().unwrap_or(0)
     }
 
-    /// Lets idle workers take unstarted work back from busy ones (see `take_back_enabled`).
-    pub fn enable_take_back(&mut self) {
-        self.take_back_enabled = true;
+    /// Runs a test whose attempt failed up to `reruns` more times (`run --reruns`).
+    pub fn set_reruns(&mut self, reruns: u32) {
+        self.reruns = reruns;
+    }
+
+    /// The test's failed attempts that were run again.
+    pub fn failed_attempts(&self, test: u32) -> u32 {
+        self.failures.get(test as usize).copied().unwrap_or(0)
+    }
+
+    /// The workers lost while running the test, oldest first.
+    pub fn lost_on(&self, test: u32) -> &[WorkerKey] {
+        self.lost_on.get(&test).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// Declares how fast an agent's cores are (1.0 = reference).
@@ -270,6 +399,38 @@ impl Scheduler {
         self.workers.values().filter(|w| !w.gone).count()
     }
 
+    /// Tests waiting in the queue: neither done nor held by a worker. O(workers).
+    pub fn queued_count(&self) -> usize {
+        let held: usize = self.workers.values().map(|w| w.held.len()).sum();
+        self.tests.len().saturating_sub(self.done + held)
+    }
+
+    /// Tests a worker has started and not finished. O(workers).
+    pub fn running_count(&self) -> usize {
+        self.workers.values().map(|w| w.started.len()).sum()
+    }
+
+    /// Expected work not done yet, in reference seconds: the queue and what workers hold.
+    pub fn remaining_seconds(&self) -> f64 {
+        let held: f64 = self
+            .workers
+            .values()
+            .flat_map(|w| w.held.iter())
+            .filter_map(|lease| self.leases.get(lease))
+            .map(|info| self.cost(info.test))
+            .sum();
+        self.remaining() + held
+    }
+
+    /// The live workers' combined speed: reference seconds of work they do per second.
+    pub fn capacity(&self) -> f64 {
+        self.workers
+            .iter()
+            .filter(|(_, w)| !w.gone)
+            .map(|(key, _)| self.agent_speed(key.agent))
+            .sum()
+    }
+
     /// The expected cost of a test in reference seconds: its history, else the mean of this
     /// run's tests without history so far, else a guess.
     fn cost(&self, test: u32) -> f64 {
@@ -277,6 +438,11 @@ impl Scheduler {
         if self.known.get(i).copied().unwrap_or(false) {
             return self.estimate[i];
         }
+        self.unknown_cost()
+    }
+
+    /// The expected cost of a test without history.
+    fn unknown_cost(&self) -> f64 {
         match self.observed {
             (sum, n) if n > 0 => sum / n as f64,
             _ => UNKNOWN_TEST_SECONDS,
@@ -303,7 +469,10 @@ impl Scheduler {
                     }
                 }
             }
-            Event::Finished { lease, seconds } => self.finished(lease, seconds, &mut actions),
+            Event::Finished { lease, seconds } => {
+                self.finished(lease, seconds, false, &mut actions)
+            }
+            Event::Failed { lease, seconds } => self.finished(lease, seconds, true, &mut actions),
             Event::Revoked { worker, leases } => {
                 let mut back = Vec::new();
                 if let Some(state) = self.workers.get_mut(&worker) {
@@ -324,7 +493,14 @@ impl Scheduler {
                 for lease in asked {
                     self.revoking.remove(&lease);
                 }
-                self.requeue(back, &mut actions);
+                // Given back unstarted: no attempt at the test.
+                for lease in &back {
+                    self.lost(*lease, worker, false, &mut actions);
+                }
+                // What comes back goes to the workers waiting for it, not to parked ones: a
+                // parked worker has torn down its session fixtures.
+                self.requeue(back, &mut actions, false);
+                self.answer_awaiting(worker, &mut actions);
             }
             Event::WorkerExited { worker, unstarted } => {
                 let held = match self.workers.get_mut(&worker) {
@@ -337,23 +513,62 @@ impl Scheduler {
                 };
                 // The agent reports what the worker never started; anything else it held (a
                 // test it was running when it died) was reported and finished by the agent, or
-                // is lost now: either way it goes back unless it is done.
-                let mut back: Vec<u64> = unstarted;
-                back.extend(held);
-                self.requeue(back, &mut actions);
+                // is lost now: either way it goes back unless it is done. Leases of other
+                // workers in the report are not this worker's to give back.
+                let unstarted: BTreeSet<u64> = unstarted
+                    .into_iter()
+                    .filter(|l| self.leases.get(l).is_some_and(|i| i.worker == worker))
+                    .collect();
+                let mut back: Vec<u64> = unstarted.iter().copied().collect();
+                back.extend(held.into_iter().filter(|l| !unstarted.contains(l)));
+                for lease in &back {
+                    self.lost(*lease, worker, !unstarted.contains(lease), &mut actions);
+                }
+                self.awaiting.remove(&worker);
+                self.requeue(back, &mut actions, true);
+                self.answer_awaiting(worker, &mut actions);
+                self.wake_parked(&mut actions);
             }
             Event::AgentLost(agent) => {
-                let mut back = Vec::new();
+                // Each worker may have been running its first held test (or one it reported
+                // started); its other tests never started. The Started message of a test that
+                // kills its agent at once may die with the agent, hence the first held test.
+                let mut lost = Vec::new();
                 for (key, state) in self.workers.iter_mut() {
                     if key.agent == agent && !state.gone {
                         state.gone = true;
+                        let head = state.held.front().copied();
+                        for lease in state.held.drain(..) {
+                            let in_flight = Some(lease) == head || state.started.contains(&lease);
+                            lost.push((lease, *key, in_flight));
+                        }
                         state.started.clear();
-                        back.extend(state.held.drain(..));
                     }
                 }
-                back.sort_unstable();
-                self.requeue(back, &mut actions);
+                lost.sort_unstable_by_key(|(lease, _, _)| *lease);
+                for (lease, key, in_flight) in &lost {
+                    self.lost(*lease, *key, *in_flight, &mut actions);
+                }
+                let back: Vec<u64> = lost.iter().map(|(lease, _, _)| *lease).collect();
+                self.awaiting.retain(|waiting, _| waiting.agent != agent);
+                self.requeue(back, &mut actions, true);
+                let victims: Vec<WorkerKey> = self
+                    .awaiting
+                    .values()
+                    .copied()
+                    .filter(|v| v.agent == agent)
+                    .collect();
+                for victim in victims {
+                    self.answer_awaiting(victim, &mut actions);
+                }
+                self.wake_parked(&mut actions);
             }
+        }
+        // A parked worker asks no more: work in the queue while every live worker is parked
+        // would wait forever. It happens when work taken back for a waiting worker arrives
+        // after that worker found other work, or when the workers a rerun avoids go away.
+        if !self.queue.is_empty() && !self.workers.values().any(|s| !s.gone && !s.parked) {
+            self.wake_parked(&mut actions);
         }
         if self.is_done() && !self.run_done_sent {
             self.run_done_sent = true;
@@ -362,7 +577,7 @@ impl Scheduler {
         actions
     }
 
-    fn finished(&mut self, lease: u64, seconds: f64, actions: &mut Vec<Action>) {
+    fn finished(&mut self, lease: u64, seconds: f64, failed: bool, actions: &mut Vec<Action>) {
         let status = self.lease_status(lease);
         self.revoking.remove(&lease);
         let Some(info) = self.leases.get(&lease).copied() else {
@@ -375,8 +590,6 @@ impl Scheduler {
         let LeaseStatus::Current { test, .. } = status else {
             return;
         };
-        self.tests[test as usize] = TestState::Done;
-        self.done += 1;
         if seconds.is_finite() && seconds >= 0.0 {
             let speed = self.agent_speed(info.worker.agent);
             let i = test as usize;
@@ -403,12 +616,115 @@ impl Scheduler {
                 self.observed.1 += 1;
             }
         }
+        let i = test as usize;
+        if failed && self.failures[i] < self.reruns {
+            // Run it again, at the front (it was due early), preferably on another worker: a
+            // failure that follows the worker is then told apart from one that follows the test.
+            self.failures[i] += 1;
+            self.avoid.entry(test).or_default().push(info.worker);
+            self.tests[i] = TestState::Queued;
+            let cost = self.cost(test);
+            self.push_front(Unit {
+                tests: vec![test],
+                cost,
+            });
+            actions.push(Action::Rerun { test, lease });
+            self.wake_parked(actions);
+            return;
+        }
+        self.tests[i] = TestState::Done;
+        self.done += 1;
+        self.avoid.remove(&test);
         actions.push(Action::TestDone { test, lease });
+    }
+
+    /// A lease taken from its worker: given back, or lost with the worker. One the worker may
+    /// have been running (`in_flight`) counts towards the test's bound on losses, and the loss
+    /// past [`MAX_LOST_ATTEMPTS`] ends the test; one it never started was no attempt at all.
+    /// The caller requeues what is still current.
+    fn lost(&mut self, lease: u64, worker: WorkerKey, in_flight: bool, actions: &mut Vec<Action>) {
+        let LeaseStatus::Current { test, .. } = self.lease_status(lease) else {
+            return;
+        };
+        let i = test as usize;
+        if !in_flight {
+            self.attempts[i] = self.attempts[i].saturating_sub(1);
+            return;
+        }
+        let lost_on = self.lost_on.entry(test).or_default();
+        lost_on.push(worker);
+        if lost_on.len() as u32 > MAX_LOST_ATTEMPTS {
+            let lost_on = lost_on.clone();
+            self.revoking.remove(&lease);
+            self.tests[i] = TestState::Done;
+            self.done += 1;
+            self.avoid.remove(&test);
+            actions.push(Action::TestAbandoned {
+                test,
+                lease,
+                lost_on,
+            });
+        }
+    }
+
+    /// Whether `key` should leave `test` to another worker: it failed the test before, and a
+    /// live worker that did not is there to take it.
+    fn avoids(&self, test: u32, key: WorkerKey) -> bool {
+        let Some(failed_on) = self.avoid.get(&test) else {
+            return false;
+        };
+        failed_on.contains(&key)
+            && self
+                .workers
+                .iter()
+                .any(|(k, s)| !s.gone && !failed_on.contains(k))
+    }
+
+    /// Where the unit `key` takes next sits in the queue, from the front or from the back: the
+    /// first one none of whose tests it should leave to another worker.
+    fn next_unit(&self, key: WorkerKey, from_back: bool) -> Option<usize> {
+        let len = self.queue.len();
+        if self.avoid.is_empty() || len == 0 {
+            return match len {
+                0 => None,
+                _ if from_back => Some(len - 1),
+                _ => Some(0),
+            };
+        }
+        let fits = |i: &usize| !self.queue[*i].tests.iter().any(|t| self.avoids(*t, key));
+        if from_back {
+            (0..len).rev().find(fits)
+        } else {
+            (0..len).find(fits)
+        }
+    }
+
+    /// Serves parked and waiting workers while the queue holds work they may take: after a
+    /// rerun or a loss, work never waits in the queue while a worker that could run it idles.
+    fn wake_parked(&mut self, actions: &mut Vec<Action>) {
+        let mut idle: Vec<WorkerKey> = self
+            .workers
+            .iter()
+            .filter(|(k, s)| !s.gone && (s.parked || self.awaiting.contains_key(k)))
+            .map(|(k, _)| *k)
+            .collect();
+        idle.sort_unstable();
+        for key in idle {
+            if self.queue.is_empty() {
+                break;
+            }
+            if self.next_unit(key, false).is_some() {
+                self.serve(key, actions);
+            }
+        }
     }
 
     /// Puts the tests of these leases back at the front of the queue (they were due early)
     /// and hands them to parked workers.
-    fn requeue(&mut self, leases: Vec<u64>, actions: &mut Vec<Action>) {
+    /// Puts these leases' tests back at the front of the queue. With `wake_parked` (work lost
+    /// to a fault) parked and waiting workers are served at once, even though a parked worker
+    /// sets its session fixtures up again: finishing the run beats keeping it idle.
+    fn requeue(&mut self, leases: Vec<u64>, actions: &mut Vec<Action>, wake_parked: bool) {
         let mut tests = Vec::new();
         for lease in leases {
             self.revoking.remove(&lease);
@@ -424,7 +740,7 @@ impl Scheduler {
         }
         for test in tests.into_iter().rev() {
             let cost = self.cost(test);
-            self.queue.push_front(Unit {
+            self.push_front(Unit {
                 tests: vec![test],
                 cost,
             });
@@ -432,7 +748,9 @@ impl Scheduler {
         let mut parked: Vec<WorkerKey> = self
             .workers
             .iter()
-            .filter(|(_, s)| s.parked && !s.gone)
+            .filter(|(k, s)| {
+                !s.gone && ((wake_parked && s.parked) || self.awaiting.contains_key(k))
+            })
             .map(|(k, _)| *k)
             .collect();
         parked.sort_unstable();
@@ -440,7 +758,9 @@ impl Scheduler {
             if self.queue.is_empty() {
                 break;
             }
-            self.serve(key, actions);
+            if self.next_unit(key, false).is_some() {
+                self.serve(key, actions);
+            }
         }
     }
 
@@ -462,7 +782,7 @@ impl Scheduler {
             .map(|s| s.unstarted().count())
             .unwrap_or(0);
         let speed = self.agent_speed(key.agent);
-        let remaining: f64 = self.queue.iter().map(|u| self.unit_cost(u)).sum();
+        let remaining = self.remaining();
         // A slow worker leaves the long tests at the front to faster ones when it would finish
         // them later than the run's expected end.
         let capacity: f64 = self
@@ -486,12 +806,7 @@ impl Scheduler {
             // A test taken only so the worker knows what follows comes from the back: the
             // shortest, never a second long test that another worker should start now.
             let filler = !leases.is_empty() && batch_cost >= target;
-            let unit = if from_back || filler {
-                self.queue.pop_back()
-            } else {
-                self.queue.pop_front()
-            };
-            let Some(unit) = unit else {
+            let Some(unit) = self.pop(key, from_back || filler) else {
                 break;
             };
             batch_cost += self.unit_cost(&unit);
@@ -504,8 +819,9 @@ impl Scheduler {
                 leases.push(Lease { lease, test });
             }
         }
-        let state = self.workers.entry(key).or_default();
         if !leases.is_empty() {
+            self.awaiting.remove(&key);
+            let state = self.workers.entry(key).or_default();
             state.parked = false;
             state.held.extend(leases.iter().map(|l| l.lease));
             actions.push(Action::Assign {
@@ -514,16 +830,38 @@ impl Scheduler {
             });
             return;
         }
-        state.parked = true;
+        if self.awaiting.contains_key(&key) {
+            return;
+        }
+        if let Some(victim) = self.take_back(key, actions) {
+            self.awaiting.insert(key, victim);
+            return;
+        }
+        self.workers.entry(key).or_default().parked = true;
         actions.push(Action::NoWork { worker: key });
-        if self.take_back_enabled {
-            self.take_back(key, actions);
+    }
+
+    /// The take-back from `victim` is over (answered, or the victim is gone): workers that
+    /// waited on it get work, or are told there is none.
+    fn answer_awaiting(&mut self, victim: WorkerKey, actions: &mut Vec<Action>) {
+        let mut waiting: Vec<WorkerKey> = self
+            .awaiting
+            .iter()
+            .filter(|(_, v)| **v == victim)
+            .map(|(k, _)| *k)
+            .collect();
+        waiting.sort_unstable();
+        for key in waiting {
+            self.awaiting.remove(&key);
+            if self.workers.get(&key).is_some_and(|s| !s.gone) {
+                self.serve(key, actions);
+            }
         }
     }
 
     /// The queue is empty and `idle` has nothing: ask the worker sitting on the most unstarted
-    /// work to give back the tail of it.
-    fn take_back(&mut self, idle: WorkerKey, actions: &mut Vec<Action>) {
+    /// work to give back the tail of it. Returns that worker if it was asked.
+    fn take_back(&mut self, idle: WorkerKey, actions: &mut Vec<Action>) -> Option<WorkerKey> {
         let mut best: Option<(WorkerKey, f64)> = None;
         for (key, state) in &self.workers {
             // A worker that is not running anything starts its held test at once: taking it
@@ -541,15 +879,11 @@ impl Scheduler {
                 best = Some((*key, work));
             }
         }
-        let Some((victim, work)) = best else {
-            return;
-        };
+        let (victim, work) = best?;
         if work < 2.0 * MIN_TAKE_BACK_SECONDS {
-            return;
+            return None;
         }
-        let Some(state) = self.workers.get(&victim) else {
-            return;
-        };
+        let state = self.workers.get(&victim)?;
         let speed = self.agent_speed(victim.agent);
         let mut taken = Vec::new();
         let mut taken_work = 0.0;
@@ -568,7 +902,7 @@ impl Scheduler {
             taken.push(lease);
         }
         if taken.is_empty() || taken_work < MIN_TAKE_BACK_SECONDS {
-            return;
+            return None;
         }
         taken.reverse();
         self.revoking.extend(taken.iter().copied());
@@ -576,6 +910,7 @@ impl Scheduler {
             worker: victim,
             leases: taken,
         });
+        Some(victim)
     }
 }
 
@@ -638,6 +973,17 @@ mod tests {
         speed: impl Fn(u32) -> f64,
         duration: impl Fn(u32) -> f64,
     ) -> Simulation {
+        simulate_with_joins(sched, workers, |_| Duration::ZERO, speed, duration)
+    }
+
+    /// [`simulate`], with each agent joining the run at `joins_at(agent)` of virtual time.
+    fn simulate_with_joins(
+        sched: &mut Scheduler,
+        workers: &[WorkerKey],
+        joins_at: impl Fn(u32) -> Duration,
+        speed: impl Fn(u32) -> f64,
+        duration: impl Fn(u32) -> f64,
+    ) -> Simulation {
         let t0 = Instant::now();
         let mut now = Duration::ZERO;
         let mut held: HashMap<WorkerKey, VecDeque<Lease>> = HashMap::new();
@@ -656,10 +1002,13 @@ mod tests {
             let count = per_agent.entry(key.agent).or_default();
             *count = (*count).max(key.worker + 1);
         }
-        for (agent, count) in per_agent {
-            sched.add_agent(agent, count, speed(agent));
-        }
+        let mut joined: BTreeSet<u32> = BTreeSet::new();
         for _ in 0..10_000_000 {
+            for (agent, count) in &per_agent {
+                if joins_at(*agent) <= now && joined.insert(*agent) {
+                    sched.add_agent(*agent, *count, speed(*agent));
+                }
+            }
             // Deliver scheduler events and apply its actions until quiet.
             while let Some(event) = inbox.pop_front() {
                 for action in sched.handle(event, t0 + now) {
@@ -696,13 +1045,14 @@ mod tests {
                                 .unwrap();
                             sim.done.push((test, worker));
                         }
-                        Action::RunDone => {}
+                        // These farms fail no test and lose no worker.
+                        Action::Rerun { .. } | Action::TestAbandoned { .. } | Action::RunDone => {}
                     }
                 }
             }
             // Workers start what they can, and ask when they cannot.
             for key in workers {
-                if busy.contains_key(key) {
+                if busy.contains_key(key) || !joined.contains(&key.agent) {
                     continue;
                 }
                 let q = held.entry(*key).or_default();
@@ -722,9 +1072,25 @@ mod tests {
             if !inbox.is_empty() {
                 continue;
             }
-            let Some((&key, &(until, lease))) = busy.iter().min_by_key(|(_, (t, _))| *t) else {
-                break;
+            let next_join = per_agent
+                .keys()
+                .filter(|a| !joined.contains(a))
+                .map(|a| joins_at(*a))
+                .min();
+            let next_finish = busy.iter().min_by_key(|(_, (t, _))| *t);
+            let Some((&key, &(until, lease))) = next_finish else {
+                match next_join {
+                    Some(at) => {
+                        now = at;
+                        continue;
+                    }
+                    None => break,
+                }
             };
+            if next_join.is_some_and(|at| at < until) {
+                now = next_join.unwrap_or(until);
+                continue;
+            }
             now = until;
             busy.remove(&key);
             let secs = duration(lease.test) / speed(key.agent);
@@ -820,6 +1186,22 @@ mod tests {
     }
 
     #[test]
+    fn equal_tests_split_evenly() {
+        let durations = vec![0.5; 64];
+        for n in [2u32, 4, 8] {
+            let workers: Vec<WorkerKey> = (0..n).map(|i| w(0, i)).collect();
+            let mut sched = known(&durations);
+            let sim = simulate(&mut sched, &workers, |_| 1.0, |t| durations[t as usize]);
+            let ideal = 32.0 / f64::from(n);
+            assert!(
+                sim.makespan.as_secs_f64() <= ideal + 0.5 + 1e-9,
+                "{n} workers: {:?} against {ideal}",
+                sim.makespan
+            );
+        }
+    }
+
+    #[test]
     fn a_worker_is_never_asked_to_start_without_knowing_the_next_test() {
         let mut sched = Scheduler::uniform(10);
         let now = Instant::now();
@@ -887,7 +1269,6 @@ mod tests {
     fn an_idle_worker_takes_back_unstarted_work_from_a_busy_one() {
         let durations = vec![1.0; 6];
         let mut sched = known(&durations);
-        sched.enable_take_back();
         let now = Instant::now();
         // One worker grabs everything before the other exists.
         let all = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
@@ -903,9 +1284,10 @@ mod tests {
             now,
         );
         // A new agent joins mid-run: the queue is empty, so it parks and work is taken back.
+        // It is not told "nothing for now" (that would tear down its session fixtures).
         let actions = sched.handle(Event::WantWork(w(1, 0)), now);
-        assert_eq!(actions[0], Action::NoWork { worker: w(1, 0) });
-        let Action::Revoke { worker, leases } = &actions[1] else {
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        let Action::Revoke { worker, leases } = &actions[0] else {
             panic!("expected a revoke, got {actions:?}");
         };
         assert_eq!(*worker, w(0, 0));
@@ -951,28 +1333,92 @@ mod tests {
     }
 
     #[test]
+    fn taken_back_work_goes_to_the_worker_waiting_for_it_never_to_a_parked_one() {
+        // Worker (0,0) runs a long test and holds one more unstarted; (1,0) arrives and waits
+        // for that one to be taken back; (2,0) arrives after it and finds nothing to take.
+        let mut sched = known(&[5.0, 1.0]);
+        let now = Instant::now();
+        let held = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
+        assert_eq!(held.len(), 2, "the long test and the one to follow it");
+        sched.handle(
+            Event::Started {
+                lease: held[0].lease,
+            },
+            now,
+        );
+        let waiting = sched.handle(Event::WantWork(w(1, 0)), now);
+        assert_eq!(
+            waiting,
+            vec![Action::Revoke {
+                worker: w(0, 0),
+                leases: vec![held[1].lease]
+            }]
+        );
+        let parked = sched.handle(Event::WantWork(w(2, 0)), now);
+        assert_eq!(parked, vec![Action::NoWork { worker: w(2, 0) }]);
+        let given = sched.handle(
+            Event::Revoked {
+                worker: w(0, 0),
+                leases: vec![held[1].lease],
+            },
+            now,
+        );
+        let to: Vec<WorkerKey> = given
+            .iter()
+            .filter_map(|a| match a {
+                Action::Assign { worker, .. } => Some(*worker),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(to, vec![w(1, 0)], "{given:?}");
+        // A fault is different: the lost agent's running test goes to whoever is idle, parked
+        // or not, so the run can end.
+        let requeued = sched.handle(Event::AgentLost(0), now);
+        assert!(
+            requeued
+                .iter()
+                .any(|a| matches!(a, Action::Assign { worker, .. } if *worker == w(2, 0))),
+            "{requeued:?}"
+        );
+    }
+
+    #[test]
     fn an_agent_joining_mid_run_gets_work_and_the_run_still_ends_near_the_bound() {
         let durations: Vec<f64> = vec![0.2; 200];
-        let early: Vec<WorkerKey> = (0..2).map(|i| w(0, i)).collect();
         let all: Vec<WorkerKey> = (0..2)
             .map(|i| w(0, i))
             .chain((0..2).map(|i| w(1, i)))
             .collect();
-        // Both agents from the start vs. the second one joining after the first took work.
+        // The second agent joins after the first has taken its work and started on it.
         let mut sched = known(&durations);
-        let now = Instant::now();
-        for key in &early {
-            sched.handle(Event::WantWork(*key), now);
-        }
-        let sim = simulate(&mut sched, &all, |_| 1.0, |t| durations[t as usize]);
+        let joins_at = |agent: u32| Duration::from_secs_f64(if agent == 1 { 3.1 } else { 0.0 });
+        let sim = simulate_with_joins(
+            &mut sched,
+            &all,
+            joins_at,
+            |_| 1.0,
+            |t| durations[t as usize],
+        );
+        let first_late = sim
+            .starts
+            .iter()
+            .find(|(_, k, _)| k.agent == 1)
+            .map(|(_, _, at)| *at);
+        assert_eq!(
+            first_late,
+            Some(Duration::from_secs_f64(3.1)),
+            "the late agent starts the moment it joins"
+        );
         assert!(
             sim.done.iter().any(|(_, k)| k.agent == 1),
             "the late agent ran tests"
         );
-        let bound = lower_bound(&durations, 4);
+        // Two workers alone for 3.1 s, then four share what is left.
+        let total: f64 = durations.iter().sum();
+        let bound = 3.1 + (total - 2.0 * 3.1) / 4.0;
         assert!(
-            sim.makespan.as_secs_f64() <= bound * 1.15,
-            "{:?}",
+            sim.makespan.as_secs_f64() <= bound * 1.05,
+            "{:?} against {bound}",
             sim.makespan
         );
     }
@@ -1040,7 +1486,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_agents_tests_go_to_parked_workers_and_late_reports_are_superseded() {
+    fn a_lost_agents_tests_go_to_waiting_workers_and_late_reports_are_superseded() {
         let mut sched = Scheduler::uniform(2);
         let now = Instant::now();
         let first = assigned(&sched.handle(Event::WantWork(w(1, 0)), now));
@@ -1051,9 +1497,16 @@ mod tests {
             },
             now,
         );
-        // Another agent's worker finds nothing and parks (the run is small: no take-back).
-        let parked = sched.handle(Event::WantWork(w(2, 0)), now);
-        assert_eq!(parked[0], Action::NoWork { worker: w(2, 0) });
+        // Another agent's worker finds the queue empty and waits for the unstarted test taken
+        // back from the busy worker.
+        let waiting = sched.handle(Event::WantWork(w(2, 0)), now);
+        assert_eq!(
+            waiting,
+            vec![Action::Revoke {
+                worker: w(1, 0),
+                leases: vec![first[1].lease]
+            }]
+        );
         let requeued = sched.handle(Event::AgentLost(1), now);
         let again = assigned(&requeued);
         assert_eq!(

@@ -2,8 +2,9 @@
 //! inputs, and the dispatcher's answers back into streams.
 //!
 //! Nothing here decides anything about runs. It checks what must be checked before the
-//! dispatcher sees a message (the protocol version on every first message) and notices when a
-//! stream ends, which is how an agent's or a client's departure becomes known.
+//! dispatcher sees a message (the token on every call, through [`crate::auth`]'s interceptor;
+//! the protocol version on every first message) and notices when a stream ends, which is how
+//! an agent's or a client's departure becomes known.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -18,9 +19,11 @@ use fly_common::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::auth::TokenCheck;
 use crate::dispatcher::{DispatcherHandle, Input};
 use crate::units::Dist;
 
@@ -39,16 +42,27 @@ impl Service {
         Service { dispatcher }
     }
 
-    pub fn agents_server(&self) -> AgentsServer<Service> {
-        AgentsServer::new(self.clone())
+    /// The Agents service; `check` refuses every call without the farm's token before the
+    /// handler sees it.
+    pub fn agents_server(
+        &self,
+        check: TokenCheck,
+    ) -> InterceptedService<AgentsServer<Service>, TokenCheck> {
+        let server = AgentsServer::new(self.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        InterceptedService::new(server, check)
     }
 
-    pub fn runs_server(&self) -> RunsServer<Service> {
-        RunsServer::new(self.clone())
+    /// The Runs service, behind the same token check.
+    pub fn runs_server(
+        &self,
+        check: TokenCheck,
+    ) -> InterceptedService<RunsServer<Service>, TokenCheck> {
+        let server = RunsServer::new(self.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        InterceptedService::new(server, check)
     }
 
     fn unavailable() -> Status {
@@ -119,7 +133,8 @@ impl Agents for Service {
             let reason = loop {
                 match inbound.next().await {
                     Some(Ok(message)) => {
-                        if !dispatcher.send(Input::AgentMessage { slot, message }) {
+                        let input = Input::AgentMessage { slot, message };
+                        if !dispatcher.send_from_agent(input).await {
                             return;
                         }
                     }
@@ -127,7 +142,9 @@ impl Agents for Service {
                     None => break "disconnected".to_string(),
                 }
             };
-            dispatcher.send(Input::AgentGone { slot, reason });
+            dispatcher
+                .send_from_agent(Input::AgentGone { slot, reason })
+                .await;
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
@@ -162,7 +179,8 @@ impl Runs for Service {
         }) {
             return Err(Self::unavailable());
         }
-        let run_id = reply_rx.await.map_err(|_| Self::unavailable())?;
+        // Err: the dispatcher refused the submission (a run that cannot be resumed).
+        let run_id = reply_rx.await.map_err(|_| Self::unavailable())??;
         // The run lives as long as its submitter's stream.
         let dispatcher = self.dispatcher.clone();
         tokio::spawn(async move {

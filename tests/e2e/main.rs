@@ -2,10 +2,21 @@
 //! fixture project (`tests/fixtures/project`) with real pytest workers, each run compared with
 //! plain pytest on the same copy of the project.
 
+mod auth;
 mod bad_input;
+mod dashboard;
 mod distributed;
+mod drain;
+mod export;
 mod fixture_project;
 mod history;
+mod interrupt;
 mod listen;
 mod local;
 mod mismatched_agent;
+mod netns;
+mod plan;
+mod report;
+mod reruns;
+mod terminal;
+mod tls;

@@ -10,8 +10,11 @@ use crate::HANG_GUARD;
 
 /// The environment every fly process of a test starts from: fixture bookkeeping on (into
 /// `log_dir`) or off, and nothing from the developer's shell that would change pytest's
-/// behaviour.
-fn clean_env(command: &mut Command, log_dir: Option<&Path>) {
+/// behaviour or fly's credentials.
+pub fn clean_env(command: &mut Command, log_dir: Option<&Path>) {
+    for credential in ["FLY_TOKEN", "FLY_CA", "FLY_TLS_CERT", "FLY_TLS_KEY"] {
+        command.env_remove(credential);
+    }
     command
         .env_remove("FLY_GATE_FILE")
         .env_remove("PYTEST_ADDOPTS")
@@ -34,19 +37,28 @@ impl Coordinator {
     /// Starts a coordinator with its database at `db` (in `cwd`), and waits for its first
     /// stdout line: `fly-coordinator listening on http://127.0.0.1:PORT`.
     pub fn serve(cwd: &Path, db: &Path) -> Coordinator {
+        Coordinator::serve_with(cwd, db, &[], &[])
+    }
+
+    /// [`Coordinator::serve`] with extra `serve` arguments and environment (a token, TLS
+    /// files); the URL is `https://` when it serves TLS.
+    pub fn serve_with(cwd: &Path, db: &Path, args: &[&str], env: &[(&str, &str)]) -> Coordinator {
         let mut command = Command::new(fly_binary("fly-coordinator"));
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--db"])
             .arg(db)
+            .args(args)
             .current_dir(cwd);
         clean_env(&mut command, None);
+        command.envs(env.iter().copied());
         let mut process = Proc::spawn("fly-coordinator serve", &mut command);
         let url = process.wait_for_stdout_line(HANG_GUARD, |line| {
             let url = line
                 .strip_prefix("fly-coordinator listening on ")?
                 .trim()
                 .to_string();
-            url.starts_with("http://127.0.0.1:").then_some(url)
+            (url.starts_with("http://127.0.0.1:") || url.starts_with("https://127.0.0.1:"))
+                .then_some(url)
         });
         Coordinator { url, process }
     }

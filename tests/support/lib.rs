@@ -3,11 +3,13 @@
 //! fly's SQLite database and for the fixture project's bookkeeping logs, and the assertions
 //! that compare a fly run with plain pytest on the same project.
 
+pub mod auth;
 pub mod check;
 pub mod db;
 pub mod fixture_log;
 pub mod fly;
 pub mod gate;
+pub mod netns;
 pub mod paths;
 pub mod process;
 pub mod pytest;

@@ -1,12 +1,15 @@
 //! The fork server's watcher: relays the one collection to the central task, gives each forked
-//! worker's supervisor its process group, and passes on how each worker ended, as reported by
-//! the fork server (the agent cannot wait for processes that are not its children).
+//! worker's supervisor its process group, passes on how each worker ended, as reported by the
+//! fork server (the agent cannot wait for processes that are not its children), and asks the
+//! fork server for replacement workers.
 
+use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 
 use fly_common::proto::CollectedTest;
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::process::Child;
@@ -14,13 +17,27 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, warn};
 
-use super::frame::{FrameReader, WorkerMessage};
+use super::frame::{encode_frame, AgentMessage, FrameReader, WorkerMessage};
 use super::supervisor::{
-    collected_test, next_frames, sleep_until_some, Frame, Frames, ProcessEnd, StandIn, DRAIN_WAIT,
-    EOF_GRACE, LINGER_GRACE,
+    collected_test, connection_lost, next_frames, sleep_until_some, Frame, Frames, ProcessEnd,
+    StandIn, DRAIN_WAIT, EOF_GRACE, LINGER_GRACE,
 };
 use super::tail::Output;
-use super::{end_group, kill_group, set_group, Group, Internal};
+use super::{end_group, kill_group, set_group, Group, Internal, KillKind};
+
+/// What the pool asks of the fork server.
+pub(crate) enum ForkerCommand {
+    /// Fork worker `worker` in slot `slot` (`gw<slot>`) onto the spare pipe pair `output`;
+    /// `forked` is how its supervisor learns its pid and end.
+    Fork {
+        worker: u32,
+        slot: u32,
+        output: u32,
+        forked: Forked,
+    },
+    /// No more forks: the fork server leaves once its workers have ended.
+    Done,
+}
 
 /// The fork server's view of one worker.
 pub(crate) struct Forked {
@@ -45,13 +62,16 @@ pub(crate) struct Forker {
     group: Arc<Mutex<Group>>,
     central: mpsc::Sender<Internal>,
     output: Output,
-    workers: Vec<Forked>,
+    /// By worker id: the first workers, then the replacements asked for.
+    workers: HashMap<u32, Forked>,
     collection: Vec<CollectedTest>,
     collection_done: bool,
     exit_message: Option<i32>,
     broken: bool,
-    /// Never written to, but kept open: its end tells the fork server that the agent is gone.
-    _write: Option<OwnedWriteHalf>,
+    /// Requests for the fork server; its end tells the fork server that the agent is gone.
+    write: Option<OwnedWriteHalf>,
+    /// Requests made before the fork server connected.
+    pending: Vec<AgentMessage>,
 }
 
 impl Forker {
@@ -65,12 +85,13 @@ impl Forker {
             group,
             central,
             output,
-            workers,
+            workers: (0..).zip(workers).collect(),
             collection: Vec::new(),
             collection_done: false,
             exit_message: None,
             broken: false,
-            _write: None,
+            write: None,
+            pending: Vec::new(),
         }
     }
 
@@ -78,8 +99,10 @@ impl Forker {
         mut self,
         mut child: Child,
         mut connection: oneshot::Receiver<Result<UnixStream, String>>,
+        mut commands: mpsc::UnboundedReceiver<ForkerCommand>,
     ) {
         let mut awaiting_connection = true;
+        let mut commands_open = true;
         let mut frames: Option<Frames> = None;
         let mut kill_at: Option<Instant> = None;
         let status = loop {
@@ -88,12 +111,20 @@ impl Forker {
                 conn = &mut connection, if awaiting_connection => {
                     awaiting_connection = false;
                     match conn {
-                        Ok(Ok(stream)) => frames = Some(self.connect(stream)),
+                        Ok(Ok(stream)) => {
+                            frames = Some(self.connect(stream));
+                            let pending = std::mem::take(&mut self.pending);
+                            self.write_messages(pending).await;
+                        }
                         Ok(Err(reason)) => self.fail(&reason),
                         // The acceptor is gone: the pool is being dropped.
                         Err(_) => {}
                     }
                 }
+                command = commands.recv(), if commands_open => match command {
+                    Some(command) => self.command(command).await,
+                    None => commands_open = false,
+                },
                 batch = next_frames(&mut frames) => match batch {
                     Some(batch) => self.handle(batch).await,
                     None => {
@@ -104,17 +135,59 @@ impl Forker {
                 },
                 _ = sleep_until_some(kill_at) => {
                     kill_at = None;
-                    kill_group(&self.group, "it closed its connection to the agent but did not exit");
+                    kill_group(
+                        &self.group,
+                        KillKind::Broken,
+                        "it closed its connection to the agent but did not exit",
+                    );
                 }
             }
         };
-        self.finish(status, frames).await;
+        self.finish(status, frames, commands).await;
     }
 
     fn connect(&mut self, stream: UnixStream) -> Frames {
         let (read, write) = stream.into_split();
-        self._write = Some(write);
+        self.write = Some(write);
         FrameReader::new(read)
+    }
+
+    async fn command(&mut self, command: ForkerCommand) {
+        let message = match command {
+            ForkerCommand::Fork {
+                worker,
+                slot,
+                output,
+                forked,
+            } => {
+                self.workers.insert(worker, forked);
+                AgentMessage::Fork {
+                    worker,
+                    slot,
+                    output,
+                }
+            }
+            ForkerCommand::Done => AgentMessage::Done,
+        };
+        if self.write.is_some() {
+            self.write_messages(vec![message]).await;
+        } else {
+            self.pending.push(message);
+        }
+    }
+
+    async fn write_messages(&mut self, messages: Vec<AgentMessage>) {
+        let Some(write) = self.write.as_mut() else {
+            return;
+        };
+        let mut buf = Vec::new();
+        for message in &messages {
+            encode_frame(message, &mut buf);
+        }
+        if let Err(error) = write.write_all(&buf).await {
+            // The fork server is gone; its end (soon) settles every worker it did not fork.
+            debug!("writing to the fork server failed: {error}");
+        }
     }
 
     async fn handle(&mut self, batch: Vec<Frame>) {
@@ -124,6 +197,9 @@ impl Forker {
             }
             let message = match frame {
                 Ok(message) => message,
+                Err(error) if connection_lost(&error) => {
+                    return debug!("the fork server's connection ended: {error}");
+                }
                 Err(error) => return self.fail(&format!("it sent an unreadable message: {error}")),
             };
             if let Err(reason) = self.check(message).await {
@@ -203,7 +279,7 @@ impl Forker {
 
     fn worker(&mut self, worker: u32) -> Result<&mut Forked, String> {
         self.workers
-            .get_mut(worker as usize)
+            .get_mut(&worker)
             .ok_or_else(|| format!("it spoke of worker {worker}, which does not exist"))
     }
 
@@ -211,14 +287,30 @@ impl Forker {
     fn fail(&mut self, reason: &str) {
         warn!("stopping the fork server: {reason}");
         self.broken = true;
-        kill_group(&self.group, &format!("protocol error: {reason}"));
+        kill_group(
+            &self.group,
+            KillKind::Broken,
+            &format!("protocol error: {reason}"),
+        );
     }
 
     /// The fork server ended: the workers it never forked end with it, with its exit status
     /// and output (that is how a usage or collection error reaches the user); forked workers
     /// whose end it did not report are stopped, as nobody could report it now.
-    async fn finish(mut self, status: std::io::Result<ExitStatus>, frames: Option<Frames>) {
-        let kill_reason = end_group(&self.group);
+    async fn finish(
+        mut self,
+        status: std::io::Result<ExitStatus>,
+        frames: Option<Frames>,
+        mut commands: mpsc::UnboundedReceiver<ForkerCommand>,
+    ) {
+        let kill = end_group(&self.group);
+        // Replacements asked for too late end with the fork server, as if never forked.
+        commands.close();
+        while let Ok(command) = commands.try_recv() {
+            if let ForkerCommand::Fork { worker, forked, .. } = command {
+                self.workers.insert(worker, forked);
+            }
+        }
         let deadline = Instant::now() + DRAIN_WAIT;
         if let Some(mut frames) = frames {
             while let Ok(Some(batch)) = timeout_at(deadline, frames.next_batch()).await {
@@ -227,12 +319,16 @@ impl Forker {
         }
         self.output.finish(deadline).await;
         let output = self.output.text();
-        for forked in &mut self.workers {
+        for forked in self.workers.values_mut() {
             let Some(end) = forked.end.take() else {
                 continue;
             };
             let end_of_worker = if forked.forked {
-                kill_group(&forked.group, "its fork server ended before it");
+                kill_group(
+                    &forked.group,
+                    KillKind::Broken,
+                    "its fork server ended before it",
+                );
                 ProcessEnd::of(Err(std::io::Error::other(
                     "its fork server ended without reporting it",
                 )))
@@ -242,7 +338,7 @@ impl Forker {
                     stand_in: Some(StandIn {
                         exit_message: self.exit_message,
                         output: output.clone(),
-                        kill_reason: kill_reason.clone(),
+                        kill: kill.clone(),
                     }),
                 }
             };

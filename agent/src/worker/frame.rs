@@ -1,7 +1,9 @@
 //! The agent <-> pytest worker wire format: length-prefixed JSON frames and their typed
 //! messages (protocol version 1 is written down in the worker protocol notes; version 2 adds
 //! the xdist_group name to each collected test and the fork server: its hello says
-//! `"forker":true`, and it sends `forked`, `reaped` and `forkfailed`).
+//! `"forker":true`, and it sends `forked`, `reaped` and `forkfailed`; version 3 lets the agent
+//! ask the fork server for a replacement worker (`fork`) and tell it that no more are coming
+//! (`done`), and gives the workers a test timeout through their environment).
 //!
 //! Decoding is a pure function of the bytes so it can be fuzzed: whatever a worker (or a
 //! plugin printing into the wrong place) sends, the result is a message or a `FrameError`.
@@ -10,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The worker protocol version this agent speaks; the worker's hello must carry the same.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame either side accepts. The worker cuts captured output so reports stay below it.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
@@ -128,6 +130,15 @@ pub enum AgentMessage {
         leases: Vec<u64>,
     },
     Shutdown,
+    /// Fork server only: fork worker `worker` (a new id) as `PYTEST_XDIST_WORKER=gw<slot>`,
+    /// its stdout and stderr going to the agent's spare pipe pair number `output`.
+    Fork {
+        worker: u32,
+        slot: u32,
+        output: u32,
+    },
+    /// Fork server only: no more forks are coming; leave once every worker has ended.
+    Done,
 }
 
 /// The fields of `start` and `finished`, for decoding them without the enum.
@@ -372,6 +383,20 @@ mod tests {
         let body = br#"{"type":"run","tests":[[1,2]]}"#;
         assert_eq!(&out[..4], &(body.len() as u32).to_be_bytes());
         assert_eq!(&out[4..], body);
+
+        let mut out = Vec::new();
+        encode_frame(
+            &AgentMessage::Fork {
+                worker: 3,
+                slot: 1,
+                output: 4,
+            },
+            &mut out,
+        );
+        encode_frame(&AgentMessage::Done, &mut out);
+        let fork = br#"{"type":"fork","worker":3,"slot":1,"output":4}"#;
+        assert_eq!(&out[4..4 + fork.len()], fork);
+        assert_eq!(&out[8 + fork.len()..], br#"{"type":"done"}"#);
     }
 
     #[test]

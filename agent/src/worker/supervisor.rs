@@ -1,12 +1,14 @@
 //! One worker's supervisor: relays the pool's commands to the worker, checks every message the
-//! worker sends against what it was given, and turns the worker's end (clean or not) into
-//! events, reporting a test it died in as crashed.
+//! worker sends against what it was given, enforces the test timeout, and turns the worker's
+//! end (clean or not) into events, reporting a test it died in as crashed, timed out or
+//! interrupted.
 //!
 //! A spawned worker's end is its child process's exit status; a forked worker's end is what
 //! the fork server reports about it (see `forker.rs`).
 
 use std::collections::{HashSet, VecDeque};
 use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,7 +27,10 @@ use super::frame::{
     encode_frame, AgentMessage, FrameError, FrameReader, ReportMessage, WorkerMessage,
 };
 use super::tail::{Output, Tail};
-use super::{end_group, kill_group, signal_name, Group, Internal, PoolEvent};
+use super::{
+    collection_digest, end_group, kill_group, signal_name, Group, Internal, Kill, KillKind,
+    PoolEvent, TIMEOUT_GRACE,
+};
 
 /// A worker closed its socket without saying it exits: it is dying; kill it if it lingers.
 pub(crate) const EOF_GRACE: Duration = Duration::from_secs(5);
@@ -40,14 +45,33 @@ const CRASH_LINES: usize = 40;
 /// How Python's fault handler starts its dump, and how much of the dump a report quotes.
 const FAULT_HANDLER_HEADER: &str = "Fatal Python error:";
 const FAULT_DUMP_LINES: usize = 200;
+/// How the fault handler's timer starts its dump of every thread's stack.
+const TIMEOUT_HEADER: &str = "Timeout (";
+/// Lines of a timed-out test's stack dump a report quotes (every thread of a busy test).
+const TIMEOUT_DUMP_LINES: usize = 1000;
 
 /// What the pool asks of one worker.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Command {
     Assign(Vec<(u64, u32)>),
     NoMore,
     Revoke(Vec<u64>),
     Shutdown,
+    /// Give back every unstarted test, finish the running one and leave; work assigned from
+    /// now on is given back at once.
+    Drain,
+}
+
+/// What a supervisor watches for beyond the protocol.
+pub(crate) struct SupervisorOptions {
+    /// How long a test may run.
+    pub(crate) timeout: Option<Duration>,
+    /// Where the worker's fault handler writes every thread's stack when a test times out.
+    pub(crate) dump: PathBuf,
+    /// The run's collection digest, which a spawned replacement must collect.
+    pub(crate) expected_digest: Option<String>,
+    /// The worker replaces a crashed one: ending before it ever asked for work is a crash too.
+    pub(crate) replacement: bool,
 }
 
 pub(crate) type Frame = Result<WorkerMessage, FrameError>;
@@ -74,7 +98,7 @@ impl ProcessEnd {
 pub(crate) struct StandIn {
     pub(crate) exit_message: Option<i32>,
     pub(crate) output: String,
-    pub(crate) kill_reason: Option<String>,
+    pub(crate) kill: Option<Kill>,
 }
 
 /// Where a worker's end comes from.
@@ -105,8 +129,31 @@ struct Running {
     index: u32,
     started: Instant,
     started_epoch: f64,
-    /// Whether a phase after a passing setup was reported: decides which phase a crash is.
-    past_call: bool,
+    /// The last phase reported, and whether it passed: decides which phase a crash is in.
+    last: Option<(Phase, bool)>,
+}
+
+impl Running {
+    /// The phase a test that ended here failed in, and pytest's category for it. Without
+    /// `reports_flushed` a setup report may still sit in the worker's buffer, so "nothing
+    /// reported" counts as the call; with it (under a timeout) it means the setup.
+    fn failed_phase(&self, reports_flushed: bool) -> (Phase, &'static str) {
+        match self.last {
+            None if reports_flushed => (Phase::Setup, "error"),
+            None | Some((Phase::Setup, true)) => (Phase::Call, "failed"),
+            Some(_) => (Phase::Teardown, "error"),
+        }
+    }
+}
+
+/// How the test a worker was running came to an end without its reports.
+enum Ending {
+    /// The worker died (or broke the protocol).
+    Crashed(String),
+    /// The test ran past the timeout; the stacks the fault handler dumped.
+    TimedOut { seconds: f64, dump: String },
+    /// The pool stopped the worker.
+    Interrupted(String),
 }
 
 pub(crate) struct Supervisor {
@@ -127,6 +174,17 @@ pub(crate) struct Supervisor {
     exit_message: Option<i32>,
     /// Set once the worker broke the protocol; later messages are ignored.
     broken: bool,
+    options: SupervisorOptions,
+    /// When the running test times out (the timeout plus the grace for the stack dump).
+    deadline: Option<Instant>,
+    /// The stack dump of the test that timed out: (its lease, the dump).
+    timed_out: Option<(u64, String)>,
+    /// The worker is giving its work back and leaving.
+    draining: bool,
+    /// The pool told the worker to leave (shutdown or drain): its end is expected.
+    leaving: bool,
+    /// It asked for work at least once: it got through its start.
+    asked: bool,
 }
 
 impl Supervisor {
@@ -137,6 +195,7 @@ impl Supervisor {
         collects: bool,
         group: Arc<Mutex<Group>>,
         central: mpsc::Sender<Internal>,
+        options: SupervisorOptions,
     ) -> Supervisor {
         let (to_worker, to_worker_rx) = mpsc::unbounded_channel();
         Supervisor {
@@ -154,6 +213,12 @@ impl Supervisor {
             collection_done: false,
             exit_message: None,
             broken: false,
+            options,
+            deadline: None,
+            timed_out: None,
+            draining: false,
+            leaving: false,
+            asked: false,
         }
     }
 
@@ -188,7 +253,7 @@ impl Supervisor {
                     }
                 },
                 command = commands.recv(), if commands_open => match command {
-                    Some(command) => self.command(command),
+                    Some(command) => self.command(command).await,
                     None => commands_open = false,
                 },
                 _ = sleep_until_some(kill_at) => {
@@ -198,7 +263,11 @@ impl Supervisor {
                     } else {
                         "it closed its connection to the agent but did not exit"
                     };
-                    kill_group(&self.group, reason);
+                    kill_group(&self.group, KillKind::Broken, reason);
+                }
+                _ = sleep_until_some(self.deadline) => {
+                    self.deadline = None;
+                    self.time_out().await;
                 }
             }
         };
@@ -214,8 +283,22 @@ impl Supervisor {
         FrameReader::new(read)
     }
 
-    fn command(&mut self, command: Command) {
+    async fn command(&mut self, command: Command) {
         let message = match command {
+            Command::Assign(leases) if self.draining => {
+                // Work that crossed the drain on the way: straight back to the coordinator.
+                let leases: Vec<u64> = leases
+                    .into_iter()
+                    .map(|(lease, _)| lease)
+                    .filter(|lease| !self.held.contains(lease))
+                    .collect();
+                if !leases.is_empty() {
+                    let worker = self.id;
+                    self.emit(Internal::Event(PoolEvent::Revoked { worker, leases }))
+                        .await;
+                }
+                return;
+            }
             Command::Assign(leases) => {
                 let leases = self.accept_leases(leases);
                 if leases.is_empty() {
@@ -225,11 +308,56 @@ impl Supervisor {
             }
             Command::NoMore => AgentMessage::Nomore,
             Command::Revoke(leases) => AgentMessage::Revoke { leases },
-            Command::Shutdown => AgentMessage::Shutdown,
+            Command::Shutdown => {
+                self.leaving = true;
+                AgentMessage::Shutdown
+            }
+            Command::Drain => {
+                self.leaving = true;
+                if self.draining {
+                    return;
+                }
+                self.draining = true;
+                let leases: Vec<u64> = self.unstarted.iter().map(|(lease, _)| *lease).collect();
+                if !leases.is_empty() {
+                    // Answered with `revoked`, naming those it had not started yet.
+                    let _ = self.to_worker.send(AgentMessage::Revoke { leases });
+                }
+                AgentMessage::Shutdown
+            }
         };
         // A closed channel means the connection is gone; the end of the process reports the
         // leases as unstarted.
         let _ = self.to_worker.send(message);
+    }
+
+    /// The running test is past its timeout and the grace for the stack dump: read the dump,
+    /// then kill the worker (its end reports the test).
+    async fn time_out(&mut self) {
+        let (Some(running), Some(timeout)) = (&self.running, self.options.timeout) else {
+            return;
+        };
+        let (lease, index) = (running.lease, running.index);
+        let dump = match tokio::fs::read(&self.options.dump).await {
+            Ok(bytes) => timeout_dump(&String::from_utf8_lossy(&bytes)),
+            Err(error) => {
+                debug!(worker = self.id, "no stack dump: {error}");
+                String::new()
+            }
+        };
+        // The test may have finished while the dump was read.
+        if self.running.as_ref().map(|r| r.lease) != Some(lease) {
+            return;
+        }
+        self.timed_out = Some((lease, dump));
+        kill_group(
+            &self.group,
+            KillKind::Timeout,
+            &format!(
+                "test {index} ran longer than the {} s timeout",
+                timeout.as_secs_f64()
+            ),
+        );
     }
 
     /// Records newly assigned leases, dropping any this worker already holds.
@@ -259,6 +387,12 @@ impl Supervisor {
             }
             let message = match frame {
                 Ok(message) => message,
+                // A worker that dies with our messages unread resets the connection: that is
+                // its end (reported by its exit), not a message it sent.
+                Err(error) if connection_lost(&error) => {
+                    debug!(worker = self.id, "the worker's connection ended: {error}");
+                    break;
+                }
                 Err(error) => {
                     self.fail(&format!("it sent an unreadable message: {error}"));
                     break;
@@ -304,9 +438,19 @@ impl Supervisor {
                     return Ok(None);
                 }
                 self.collection_done = true;
+                let tests = std::mem::take(&mut self.collection);
+                if let Some(expected) = &self.options.expected_digest {
+                    let digest = collection_digest(&tests);
+                    if digest != *expected {
+                        return Err(format!(
+                            "it collected {} tests that differ from the run's collection                              (digest {digest}, the run's {expected})",
+                            tests.len()
+                        ));
+                    }
+                }
                 Ok(Some(Internal::Collected {
                     worker: Some(worker),
-                    tests: std::mem::take(&mut self.collection),
+                    tests,
                     deselected,
                 }))
             }
@@ -331,8 +475,12 @@ impl Supervisor {
                     index,
                     started: Instant::now(),
                     started_epoch: now,
-                    past_call: false,
+                    last: None,
                 });
+                self.deadline = self
+                    .options
+                    .timeout
+                    .map(|timeout| Instant::now() + timeout + TIMEOUT_GRACE);
                 let at = if at > 0.0 { at } else { now };
                 Ok(Some(Internal::Event(PoolEvent::Started {
                     worker,
@@ -360,9 +508,7 @@ impl Supervisor {
                         report.outcome
                     ));
                 }
-                if phase != Phase::Setup || report.outcome != "passed" {
-                    running.past_call = true;
-                }
+                running.last = Some((phase, report.outcome == "passed"));
                 Ok(Some(Internal::Event(PoolEvent::Report {
                     worker,
                     report: phase_report(report, phase),
@@ -371,6 +517,7 @@ impl Supervisor {
             WorkerMessage::Finished { lease, index } => match &self.running {
                 Some(r) if r.lease == lease && r.index == index => {
                     self.running = None;
+                    self.deadline = None;
                     self.held.remove(&lease);
                     Ok(Some(Internal::Event(PoolEvent::Finished {
                         worker,
@@ -382,7 +529,13 @@ impl Supervisor {
                     "it finished lease {lease} (test {index}), which is not running"
                 )),
             },
-            WorkerMessage::Want => Ok(Some(Internal::Event(PoolEvent::WantWork { worker }))),
+            WorkerMessage::Want => {
+                self.asked = true;
+                if self.draining {
+                    return Ok(None);
+                }
+                Ok(Some(Internal::Event(PoolEvent::WantWork { worker })))
+            }
             WorkerMessage::Revoked { leases } => {
                 let running = self.running.as_ref().map(|r| r.lease);
                 let bad = leases
@@ -416,7 +569,11 @@ impl Supervisor {
     fn fail(&mut self, reason: &str) {
         warn!(worker = self.id, "stopping worker: {reason}");
         self.broken = true;
-        kill_group(&self.group, &format!("protocol error: {reason}"));
+        kill_group(
+            &self.group,
+            KillKind::Broken,
+            &format!("protocol error: {reason}"),
+        );
     }
 
     async fn emit(&self, internal: Internal) {
@@ -432,7 +589,7 @@ impl Supervisor {
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) {
         // Anything the tests left running in the group goes too (it may hold our pipes open).
-        let mut kill_reason = end_group(&self.group);
+        let mut kill = end_group(&self.group);
         let deadline = Instant::now() + DRAIN_WAIT;
         if let Some(mut frames) = frames {
             while let Ok(Some(batch)) = timeout_at(deadline, frames.next_batch()).await {
@@ -444,7 +601,7 @@ impl Supervisor {
         let output = match end.stand_in {
             Some(stand_in) => {
                 self.exit_message = stand_in.exit_message;
-                kill_reason = kill_reason.or(stand_in.kill_reason);
+                kill = kill.or(stand_in.kill);
                 stand_in.output
             }
             None => self.output.text(),
@@ -470,17 +627,38 @@ impl Supervisor {
         };
         let clean = self.exit_message.is_some()
             && self.exit_message == status.as_ref().ok().and_then(|s| s.code());
-        let reason = match (&kill_reason, clean) {
-            (Some(why), _) => format!("stopped by the agent: {why} ({how})"),
+        let reason = match (&kill, clean) {
+            (Some(kill), _) => format!("stopped by the agent: {} ({how})", kill.reason),
             (None, true) => format!("pytest finished ({how})"),
             (None, false) => format!("crashed: {how}"),
         };
-        if self.running.is_some() {
-            let why = match &kill_reason {
-                Some(why) => format!("the agent stopped it: {why} ({how})"),
-                None => how.clone(),
+        // A worker that ends without being told to, and not as a `--collect-only` worker does
+        // (cleanly, never asking for work), needs a replacement: it crashed, or pytest itself
+        // gave up on it (an internal error ends pytest "cleanly" too).
+        let expected = self.leaving || kill.as_ref().is_some_and(|k| k.kind == KillKind::Stopped);
+        let crashed = !expected
+            && (!clean || self.asked || self.running.is_some() || self.options.replacement);
+        if let Some(running) = self.running.take() {
+            let timed_out = match self.timed_out.take() {
+                Some((lease, dump)) if lease == running.lease => Some(dump),
+                _ => None,
             };
-            self.report_crash(&why).await;
+            let ending = match (&kill, timed_out, self.options.timeout) {
+                (Some(kill), Some(dump), Some(timeout)) if kill.kind == KillKind::Timeout => {
+                    Ending::TimedOut {
+                        seconds: timeout.as_secs_f64(),
+                        dump,
+                    }
+                }
+                (Some(kill), _, _) if kill.kind == KillKind::Stopped => {
+                    Ending::Interrupted(format!("{} ({how})", kill.reason))
+                }
+                (Some(kill), _, _) => {
+                    Ending::Crashed(format!("the agent stopped it: {} ({how})", kill.reason))
+                }
+                (None, _, _) => Ending::Crashed(how.clone()),
+            };
+            self.report_end(running, ending).await;
         }
         let collection_exit_code = self
             .exit_message
@@ -510,29 +688,60 @@ impl Supervisor {
             exit,
             exit_code: collection_exit_code,
             output: collection_output,
+            crashed,
         })
         .await;
     }
 
-    /// Reports the running test as failed by the crash, then finished.
-    async fn report_crash(&mut self, why: &str) {
-        let Some(running) = self.running.take() else {
-            return;
+    /// Reports the test the worker was running as failed by how it ended, then finished.
+    async fn report_end(&mut self, running: Running, ending: Ending) {
+        let (phase, category) = running.failed_phase(self.options.timeout.is_some());
+        let id = self.id;
+        let (message, mut longrepr, quote_output) = match ending {
+            Ending::Crashed(why) => {
+                let message = format!("worker {id} crashed while running this test: {why}");
+                (message.clone(), message, true)
+            }
+            Ending::Interrupted(why) => {
+                let message =
+                    format!("interrupted: worker {id} was stopped while running this test: {why}");
+                (message.clone(), message, true)
+            }
+            Ending::TimedOut { seconds, dump } => {
+                let message = format!("Timeout: the test ran longer than {seconds} s");
+                let mut longrepr = format!("{message}; worker {id} was killed.");
+                let dump = if dump.trim().is_empty() {
+                    // The fault handler's timer was taken (pytest's faulthandler_timeout, or
+                    // the test's own): its dump, if any, went to the worker's stderr.
+                    self.output
+                        .stderr
+                        .lock()
+                        .map(|t| timeout_dump(&t.text()))
+                        .unwrap_or_default()
+                } else {
+                    dump
+                };
+                if dump.trim().is_empty() {
+                    longrepr.push_str("\n\nThe worker wrote no stack dump.");
+                    (message, longrepr, true)
+                } else {
+                    longrepr.push_str(&format!(
+                        "\n\nThe stack of every thread when the time ran out (most recent call \
+                         first):\n\n{dump}"
+                    ));
+                    (message, longrepr, false)
+                }
+            }
         };
-        let (phase, category) = if running.past_call {
-            (Phase::Teardown, "error")
-        } else {
-            (Phase::Call, "failed")
-        };
-        let message = format!("worker {} crashed while running this test: {why}", self.id);
-        let mut longrepr = message.clone();
-        for (name, tail) in [
-            ("stderr", &self.output.stderr),
-            ("stdout", &self.output.stdout),
-        ] {
-            let lines = tail.lock().map(|t| crash_excerpt(&t)).unwrap_or_default();
-            if !lines.trim().is_empty() {
-                longrepr.push_str(&format!("\n\nlast lines of the worker's {name}:\n{lines}"));
+        if quote_output {
+            for (name, tail) in [
+                ("stderr", &self.output.stderr),
+                ("stdout", &self.output.stdout),
+            ] {
+                let lines = tail.lock().map(|t| crash_excerpt(&t)).unwrap_or_default();
+                if !lines.trim().is_empty() {
+                    longrepr.push_str(&format!("\n\nlast lines of the worker's {name}:\n{lines}"));
+                }
             }
         }
         let report = PhaseReport {
@@ -583,6 +792,29 @@ fn crash_excerpt(tail: &Tail) -> String {
             dump.join("\n")
         }
         None => tail.last_lines(CRASH_LINES),
+    }
+}
+
+/// The connection broke (the process died): an end of the stream, not a bad message.
+pub(crate) fn connection_lost(error: &FrameError) -> bool {
+    matches!(
+        error,
+        FrameError::Io(error) if matches!(
+            error.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        )
+    )
+}
+
+/// The last stack dump the fault handler's timer wrote in `text` (a dump file can still hold
+/// the dump of an earlier test that finished just in time), cut to a readable length.
+fn timeout_dump(text: &str) -> String {
+    match text.rfind(TIMEOUT_HEADER) {
+        Some(start) => {
+            let dump: Vec<&str> = text[start..].lines().take(TIMEOUT_DUMP_LINES).collect();
+            dump.join("\n")
+        }
+        None => String::new(),
     }
 }
 

@@ -899,7 +899,7 @@ mod tests {
         let version: u32 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
-        assert_eq!(version, 2);
+        assert_eq!(version, schema::SCHEMA_VERSION);
         let kept: (String, String, Option<f64>, String) = conn
             .query_row(
                 "SELECT r.status, a.hostname, a.speed, s.nodeid

@@ -24,11 +24,14 @@
 //! batch) and never on the runtime's threads.
 
 mod history;
+mod resume;
+mod retention;
 mod schema;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -37,6 +40,8 @@ use rusqlite::{params, Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
 pub use history::{History, MAX_SAMPLES};
+pub use resume::{count_result, LookupError, RecordedRun, COORDINATOR_STOPPED, STATUS_INTERRUPTED};
+pub use retention::{PruneSummary, Retention, RECENT_GRACE};
 pub use schema::SCHEMA_VERSION;
 
 /// Run status written by [`Write::RunCreated`].
@@ -80,7 +85,7 @@ pub enum StoreError {
     WriterGone { path: PathBuf },
     #[error("cannot start a thread to read the duration history: {0}")]
     SpawnReader(std::io::Error),
-    #[error("reading the duration history from {path} did not finish: {source}")]
+    #[error("a read of {path} did not finish: {source}")]
     ReadTask {
         path: PathBuf,
         source: tokio::task::JoinError,
@@ -100,6 +105,11 @@ pub struct StoreConfig {
     pub initial_backoff: Duration,
     /// Longest wait between retries of a failed batch.
     pub max_backoff: Duration,
+    /// Queued writes above which [`Store::room`] makes producers wait.
+    pub backlog_limit: usize,
+    /// Most rows one step of a prune ([`Store::prune`]) deletes in its transaction; ordinary
+    /// batches are committed between steps.
+    pub prune_chunk: usize,
 }
 
 impl Default for StoreConfig {
@@ -109,6 +119,11 @@ impl Default for StoreConfig {
             batch_limit: 10_000,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            // About 10,000 tests' reports and results: a fraction of a second of the writer's
+            // work, and tens of megabytes at most.
+            backlog_limit: 40_000,
+            // Tens of milliseconds of deleting: what a batch of reports may wait behind.
+            prune_chunk: 5_000,
         }
     }
 }
@@ -123,6 +138,11 @@ pub enum Write {
         pytest_args: Vec<String>,
         client_cwd: String,
         created_at: f64,
+    },
+    /// The run carries on with the unfinished run `resumed_from` (`run --resume`).
+    RunResumed {
+        run_id: String,
+        resumed_from: String,
     },
     /// The run began handing out work. Its status becomes [`STATUS_RUNNING`].
     RunStarted { run_id: String, started_at: f64 },
@@ -174,8 +194,8 @@ pub enum Write {
         reason: String,
     },
     /// One phase report of one attempt at a test. `superseded` is set when the report's lease
-    /// is no longer the test's current one (an attempt already given up on); the store also
-    /// marks it superseded if the test's result was recorded from another lease.
+    /// is no longer the test's current one (an attempt already given up on, including one
+    /// whose report arrives after the test's result came from another lease).
     Report {
         run_id: String,
         nodeid: String,
@@ -197,6 +217,15 @@ pub enum Write {
         agent_id: String,
         worker: u32,
     },
+    /// More about a test's final result, queued right after its [`Write::TestResult`] when
+    /// there is any: `flaky` (an attempt failed and a rerun passed), and `lost_on`, the JSON
+    /// array of the workers lost while running the test (empty: none).
+    TestResultDetails {
+        run_id: String,
+        test_index: u32,
+        flaky: bool,
+        lost_on: String,
+    },
     /// The run is over: add what it taught to `project`'s duration history, from the run's
     /// results and the phase reports of each result's attempt, as written before this. One
     /// duration sample per test with a result, one fixture-cost sample per module and class
@@ -216,6 +245,7 @@ impl Write {
         match self {
             Write::RunCreated { .. } => "RunCreated",
             Write::RunStarted { .. } => "RunStarted",
+            Write::RunResumed { .. } => "RunResumed",
             Write::RunCollected { .. } => "RunCollected",
             Write::RunFinished { .. } => "RunFinished",
             Write::AgentConnected { .. } => "AgentConnected",
@@ -223,6 +253,7 @@ impl Write {
             Write::RunAgent { .. } => "RunAgent",
             Write::Report { .. } => "Report",
             Write::TestResult { .. } => "TestResult",
+            Write::TestResultDetails { .. } => "TestResultDetails",
             Write::RecordHistory { .. } => "RecordHistory",
         }
     }
@@ -232,11 +263,13 @@ impl Write {
         match self {
             Write::RunCreated { run_id, .. }
             | Write::RunStarted { run_id, .. }
+            | Write::RunResumed { run_id, .. }
             | Write::RunCollected { run_id, .. }
             | Write::RunFinished { run_id, .. }
             | Write::RunAgent { run_id, .. }
             | Write::Report { run_id, .. }
             | Write::TestResult { run_id, .. }
+            | Write::TestResultDetails { run_id, .. }
             | Write::RecordHistory { run_id, .. } => run_id,
             Write::AgentConnected { agent_id, .. } | Write::AgentDisconnected { agent_id, .. } => {
                 agent_id
@@ -253,6 +286,12 @@ enum Command {
     Write(Write),
     /// Answer once everything queued before this is committed.
     Flush(oneshot::Sender<()>),
+    /// Delete what `retention` does not keep, a chunk at a time between batches, and answer
+    /// when done.
+    Prune {
+        retention: Retention,
+        done: PruneWaiter,
+    },
     /// Commit everything queued before this, close the database, answer, and stop.
     Shutdown(oneshot::Sender<()>),
 }
@@ -263,6 +302,19 @@ pub struct Store {
     tx: mpsc::Sender<Command>,
     path: Arc<Path>,
     busy_timeout: Duration,
+    backlog: Arc<Backlog>,
+    /// Tells other coordinators opening the file that this one uses it, until the last clone
+    /// is dropped.
+    _presence: Arc<resume::Presence>,
+}
+
+/// How many writes are queued and not yet committed, so that whoever produces them can slow
+/// down (see [`Store::room`]) rather than let memory grow while SQLite is slower than the farm.
+struct Backlog {
+    queued: AtomicUsize,
+    /// Signalled whenever the writer commits a batch.
+    drained: tokio::sync::Notify,
+    limit: usize,
 }
 
 impl std::fmt::Debug for Store {
@@ -287,14 +339,35 @@ impl Store {
                 source,
             })?;
         }
+        let (presence, alone) = resume::announce(path);
         let mut conn = schema::connect(path, config.busy_timeout)?;
         schema::migrate(&mut conn, path)?;
+        if alone {
+            for run in resume::mark_abandoned(&mut conn, path)? {
+                tracing::warn!(
+                    run = %run,
+                    "run {run} was in progress when its coordinator stopped; it is marked \
+                     interrupted (`fly-coordinator run --resume {run}` runs the rest)"
+                );
+            }
+        } else {
+            tracing::info!(
+                path = %path.display(),
+                "another coordinator has this database open: runs in progress are left as they are"
+            );
+        }
         let (tx, rx) = mpsc::channel();
         let busy_timeout = config.busy_timeout;
+        let backlog = Arc::new(Backlog {
+            queued: AtomicUsize::new(0),
+            drained: tokio::sync::Notify::new(),
+            limit: config.backlog_limit.max(1),
+        });
         let writer = Writer {
             conn,
             path: path.to_path_buf(),
             config,
+            backlog: backlog.clone(),
         };
         std::thread::Builder::new()
             .name("fly-store-writer".into())
@@ -304,6 +377,8 @@ impl Store {
             tx,
             path: Arc::from(path),
             busy_timeout,
+            backlog,
+            _presence: Arc::new(presence),
         })
     }
 
@@ -312,8 +387,10 @@ impl Store {
         &self.path
     }
 
-    /// Queue a write. Never blocks on SQLite.
+    /// Queue a write. Never blocks on SQLite; producers of many writes wait for
+    /// [`Store::room`] between inputs so the queue stays bounded.
     pub fn write(&self, w: Write) {
+        self.backlog.queued.fetch_add(1, Ordering::Relaxed);
         if let Err(mpsc::SendError(Command::Write(w))) = self.tx.send(Command::Write(w)) {
             // Only after close() or a crashed writer: nothing can record it any more.
             tracing::error!(
@@ -323,6 +400,25 @@ impl Store {
                 "the store's writer has stopped; a write was lost"
             );
         }
+    }
+
+    /// Resolves once fewer than [`StoreConfig::backlog_limit`] writes wait to be committed. The
+    /// dispatcher waits for this before it takes the next agent message, so a farm faster
+    /// than the disk is slowed down (its reports wait in gRPC flow control) instead of filling
+    /// memory. While the database cannot be written at all this waits too: nothing is dropped.
+    pub async fn room(&self) {
+        loop {
+            let drained = self.backlog.drained.notified();
+            if self.backlog.queued.load(Ordering::Relaxed) < self.backlog.limit {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    /// Writes queued and not yet committed.
+    pub fn backlog(&self) -> usize {
+        self.backlog.queued.load(Ordering::Relaxed)
     }
 
     /// Resolves once every write queued before it is committed (used before a run reports
@@ -348,6 +444,34 @@ impl Store {
         wait.await.map_err(|_| self.writer_gone())
     }
 
+    /// Deletes the rows of old finished runs that `retention` does not keep (see
+    /// [`Retention`]; their `runs` row stays, marked `pruned_at`), oldest first, and resolves
+    /// with what it did. It never deletes the rows of a run in progress, of one that finished
+    /// within [`RECENT_GRACE`], of one a kept run resumed, nor the duration history or agents.
+    ///
+    /// The writer thread does it in short transactions of at most
+    /// [`StoreConfig::prune_chunk`] rows, committing the writes queued meanwhile between them:
+    /// writes keep landing and [`Store::flush`] does not wait for a prune. Prunes run one after
+    /// the other. A prune that fails (the file locked for longer than the busy timeout, say)
+    /// is given up with an error; what it deleted stays deleted, and the next prune carries
+    /// on. If the store closes first, the summary says it is not complete.
+    pub fn prune(
+        &self,
+        retention: Retention,
+    ) -> impl Future<Output = Result<PruneSummary, StoreError>> + Send + 'static {
+        let (done, wait) = oneshot::channel();
+        let sent = self.tx.send(Command::Prune { retention, done }).is_ok();
+        let path = self.path.to_path_buf();
+        async move {
+            let gone = || StoreError::WriterGone { path };
+            if !sent {
+                return Err(gone());
+            }
+            // No answer at all: the writer thread died (it answers even when it closes).
+            wait.await.map_err(|_| gone())?
+        }
+    }
+
     /// Reads `project`'s duration history (estimates in reference seconds; empty for a project
     /// never recorded) on read-only connections, from tokio's blocking pool. It sees what was
     /// committed when it starts: flush first to include writes still queued. Needs a tokio
@@ -367,6 +491,24 @@ impl Store {
         }
     }
 
+    /// Reads the run `given` names (its id, or a prefix of one run's id) with the results of
+    /// the runs it resumed, on a read-only connection from tokio's blocking pool: what `run
+    /// --resume` carries on with. Sees what was committed when it starts.
+    pub fn load_run(
+        &self,
+        given: &str,
+    ) -> impl Future<Output = Result<RecordedRun, LookupError>> + Send + 'static {
+        let path = self.path.to_path_buf();
+        let given = given.to_owned();
+        let busy_timeout = self.busy_timeout;
+        async move {
+            let task_path = path.clone();
+            tokio::task::spawn_blocking(move || resume::load(&task_path, &given, busy_timeout))
+                .await
+                .map_err(|source| StoreError::ReadTask { path, source })?
+        }
+    }
+
     fn writer_gone(&self) -> StoreError {
         StoreError::WriterGone {
             path: self.path.to_path_buf(),
@@ -374,11 +516,15 @@ impl Store {
     }
 }
 
+/// Where the answer to a [`Store::prune`] goes.
+type PruneWaiter = oneshot::Sender<Result<PruneSummary, StoreError>>;
+
 /// The writer thread's state.
 struct Writer {
     conn: Connection,
     path: PathBuf,
     config: StoreConfig,
+    backlog: Arc<Backlog>,
 }
 
 impl Writer {
@@ -386,14 +532,35 @@ impl Writer {
         let mut batch: Vec<Write> = Vec::new();
         let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
         let mut shutdown = None;
-        // `recv` fails only once every Store is dropped and the channel is empty: then
-        // everything has been committed and the thread ends quietly.
-        while let Ok(first) = rx.recv() {
+        let mut prunes: VecDeque<(retention::Job, PruneWaiter)> = VecDeque::new();
+        loop {
+            let first = if prunes.is_empty() {
+                match rx.recv() {
+                    Ok(command) => command,
+                    // `recv` fails only once every Store is dropped and the channel is empty:
+                    // then everything has been committed and the thread ends quietly.
+                    Err(mpsc::RecvError) => break,
+                }
+            } else {
+                // While a prune is under way, take what is queued without waiting for more:
+                // with nothing queued, the prune's next step follows at once.
+                match rx.try_recv() {
+                    Ok(command) => command,
+                    Err(mpsc::TryRecvError::Empty) => {
+                        self.prune_step(&mut prunes);
+                        continue;
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                }
+            };
             let mut next = Some(first);
             while let Some(command) = next.take() {
                 match command {
                     Command::Write(w) => batch.push(w),
                     Command::Flush(done) => waiters.push(done),
+                    Command::Prune { retention, done } => {
+                        prunes.push_back((retention::Job::new(retention, epoch_now()), done));
+                    }
                     Command::Shutdown(done) => {
                         shutdown = Some(done);
                         break;
@@ -405,6 +572,10 @@ impl Writer {
             }
             if !batch.is_empty() {
                 self.commit_until_done(&batch);
+                self.backlog
+                    .queued
+                    .fetch_sub(batch.len(), Ordering::Relaxed);
+                self.backlog.drained.notify_waiters();
                 batch.clear();
             }
             for done in waiters.drain(..) {
@@ -414,12 +585,44 @@ impl Writer {
             if shutdown.is_some() {
                 break;
             }
+            self.prune_step(&mut prunes);
+        }
+        // Prunes cut short: what they deleted stays deleted, and the next one carries on.
+        for (job, done) in prunes {
+            let _ = done.send(Ok(job.summary().clone()));
         }
         if let Err((_, err)) = self.conn.close() {
             tracing::error!(path = %self.path.display(), error = %err, "closing the store failed");
         }
         if let Some(done) = shutdown {
             let _ = done.send(());
+        }
+    }
+
+    /// One step of the first prune queued, if any; answers it when it is done or failed.
+    fn prune_step(&mut self, prunes: &mut VecDeque<(retention::Job, PruneWaiter)>) {
+        let Some((job, _)) = prunes.front_mut() else {
+            return;
+        };
+        let result = job.step(&mut self.conn, self.config.prune_chunk);
+        let answer = match result {
+            Ok(retention::Progress::More) => return,
+            Ok(retention::Progress::Done) => Ok(job.summary().clone()),
+            Err(source) => {
+                tracing::error!(
+                    path = %self.path.display(),
+                    error = %source,
+                    "pruning old runs failed; the next prune carries on"
+                );
+                Err(StoreError::Sqlite {
+                    path: self.path.clone(),
+                    action: "pruning old runs",
+                    source,
+                })
+            }
+        };
+        if let Some((_, done)) = prunes.pop_front() {
+            let _ = done.send(answer);
         }
     }
 
@@ -610,6 +813,15 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
                 created_at
             ])?;
         }
+        Write::RunResumed {
+            run_id,
+            resumed_from,
+        } => {
+            let changed = conn
+                .prepare_cached("UPDATE runs SET resumed_from = ?2 WHERE id = ?1")?
+                .execute(params![run_id, resumed_from])?;
+            warn_if_missing(changed, w);
+        }
         Write::RunStarted { run_id, started_at } => {
             let changed = conn
                 .prepare_cached("UPDATE runs SET status = ?2, started_at = ?3 WHERE id = ?1")?
@@ -767,15 +979,13 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
                         .map_err(|err| rusqlite::Error::ToSqlConversionFailure(Box::new(err)))?,
                 )
             };
-            // Besides what the dispatcher says, a report arriving after its test's result was
-            // recorded from another lease (a late report of an abandoned attempt) is superseded.
+            // The dispatcher marks a report superseded when its lease is no longer the test's
+            // current one, which covers a late report arriving after another lease's result.
             conn.prepare_cached(
                 "INSERT INTO reports (run_id, test_index, nodeid, lease, phase, outcome, category,
                      duration, start, stop, agent_id, worker, longrepr, message, sections,
                      superseded)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                     ?16 OR EXISTS (SELECT 1 FROM results
-                                    WHERE run_id = ?1 AND test_index = ?2 AND lease <> ?4))",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?
             .execute(params![
                 run_id,
@@ -806,6 +1016,27 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             lease,
             agent_id,
             worker,
+        } if *attempts <= 1 => {
+            // The test's only attempt: no other lease has reports to mark superseded.
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO results (run_id, test_index, nodeid, outcome, duration,
+                     attempts, lease, agent_id, worker)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                run_id, test_index, nodeid, outcome, duration, attempts, lease, agent_id, worker
+            ])?;
+        }
+        Write::TestResult {
+            run_id,
+            test_index,
+            nodeid,
+            outcome,
+            duration,
+            attempts,
+            lease,
+            agent_id,
+            worker,
         } => atomically(conn, || {
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO results (run_id, test_index, nodeid, outcome, duration,
@@ -823,6 +1054,17 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             .execute(params![run_id, test_index, lease])?;
             Ok(())
         })?,
+        Write::TestResultDetails {
+            run_id,
+            test_index,
+            flaky,
+            lost_on,
+        } => {
+            conn.prepare_cached(
+                "UPDATE results SET flaky = ?3, lost_on = ?4 WHERE run_id = ?1 AND test_index = ?2",
+            )?
+            .execute(params![run_id, test_index, flaky, non_empty(lost_on)])?;
+        }
         Write::RecordHistory {
             project,
             run_id,
@@ -1335,8 +1577,13 @@ mod tests {
             agent_id: "agent-b".into(),
             worker: 1,
         });
-        // A late teardown report of the abandoned attempt arrives after the result.
-        store.write(report(RUN, 7, 11, Phase::Teardown, ""));
+        // A late teardown report of the abandoned attempt arrives after the result; the
+        // dispatcher knows its lease is no longer current.
+        let mut late = report(RUN, 7, 11, Phase::Teardown, "");
+        if let Write::Report { superseded, .. } = &mut late {
+            *superseded = true;
+        }
+        store.write(late);
         // The dispatcher itself flags a report of a lease it no longer holds current.
         let mut stale = report(RUN, 8, 20, Phase::Setup, "");
         if let Write::Report { superseded, .. } = &mut stale {

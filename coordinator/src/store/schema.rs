@@ -5,8 +5,8 @@
 //! each one runs in its own transaction together with the bump of `user_version`, so a crash
 //! mid-migration leaves the file at the previous version, never half-migrated. Migrations are
 //! only ever appended: a released script is never edited, because databases in the field
-//! already ran it. Planned later versions add attempt/lease tables and retention; they go after
-//! `V2_HISTORY` in `MIGRATIONS`.
+//! already ran it. Planned later versions add attempt/lease tables and retention; they go at the
+//! end of `MIGRATIONS`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -17,7 +17,8 @@ use super::StoreError;
 
 /// Every migration, in order. The schema version of a fully migrated database is the length of
 /// this list.
-pub(super) const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_HISTORY];
+pub(super) const MIGRATIONS: &[&str] =
+    &[V1_INITIAL, V2_HISTORY, V3_RESUME, V4_RERUNS, V5_RETENTION];
 
 /// The schema version this binary writes. A database with a higher `user_version` was written
 /// by a newer fly and is refused rather than guessed at.
@@ -149,6 +150,34 @@ CREATE TABLE scope_costs (
 ) WITHOUT ROWID;
 
 ALTER TABLE agents ADD COLUMN speed REAL;
+"#;
+
+/// Version 3: `run --resume`. A run that carries on with an unfinished one names it in
+/// `resumed_from`; its own rows hold only what it ran, and its `counts` are the combined run's.
+/// The index answers "was this run resumed already?".
+const V3_RESUME: &str = r#"
+ALTER TABLE runs ADD COLUMN resumed_from TEXT;
+CREATE INDEX runs_by_resumed_from ON runs (resumed_from);
+"#;
+
+/// Version 4: `run --reruns` and the bound on requeues. `results.flaky` is 1 when an attempt of
+/// the test failed and a rerun passed; `results.lost_on` names, as a JSON array of
+/// `{"agent_id", "hostname", "worker"}`, the workers lost while running the test (NULL when
+/// none). Every attempt's reports stay in `reports`; those of attempts that do not count are
+/// marked superseded.
+const V4_RERUNS: &str = r#"
+ALTER TABLE results ADD COLUMN flaky INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE results ADD COLUMN lost_on TEXT;
+"#;
+
+/// Version 5: retention (`serve --retain-days`, `--retain-size`). A pruned run keeps its `runs`
+/// row (status, exit code, counts, times: what `fly-coordinator runs` lists) and loses its
+/// reports, results, collection and `run_agents` rows; `pruned_at` is when. The partial index
+/// lists the runs not pruned yet in the order they finished, so finding the oldest one to
+/// prune is one index lookup however many runs the file has kept.
+const V5_RETENTION: &str = r#"
+ALTER TABLE runs ADD COLUMN pruned_at REAL;
+CREATE INDEX runs_to_prune ON runs (finished_at) WHERE pruned_at IS NULL;
 "#;
 
 /// Opens (or creates) the database file and applies the settings the store relies on: WAL so
