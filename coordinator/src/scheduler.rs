@@ -198,6 +198,8 @@ pub struct Scheduler {
     avoid: HashMap<u32, Vec<WorkerKey>>,
     /// Per test, the workers lost while running it, oldest first.
     lost_on: HashMap<u32, Vec<WorkerKey>>,
+    /// Tests that came in a unit of several: never taken back (see `is_grouped`).
+    grouped: Vec<bool>,
 }
 
 impl Scheduler {
@@ -246,7 +248,15 @@ impl Scheduler {
             failures: vec![0; count],
             avoid: HashMap::new(),
             lost_on: HashMap::new(),
+            grouped: vec![false; count],
         };
+        for unit in scheduler.queue.iter().filter(|u| u.tests.len() > 1) {
+            for test in &unit.tests {
+                if let Some(g) = scheduler.grouped.get_mut(*test as usize) {
+                    *g = true;
+                }
+            }
+        }
         for unit in &scheduler.queue {
             let (known, unknown) = scheduler.unit_parts(unit);
             scheduler.queued_known += known;
@@ -861,6 +871,14 @@ impl Scheduler {
 
     /// The queue is empty and `idle` has nothing: ask the worker sitting on the most unstarted
     /// work to give back the tail of it. Returns that worker if it was asked.
+    /// Whether the test came in a unit of several (a module or class kept together because its
+    /// fixtures cost more than splitting saves, or a loadfile/loadscope/loadgroup unit). Such
+    /// tests are never taken back: moving one would make its new worker set the shared
+    /// fixtures up again, which is what grouping them avoided.
+    fn is_grouped(&self, test: u32) -> bool {
+        self.grouped.get(test as usize).copied().unwrap_or(false)
+    }
+
     fn take_back(&mut self, idle: WorkerKey, actions: &mut Vec<Action>) -> Option<WorkerKey> {
         let mut best: Option<(WorkerKey, f64)> = None;
         for (key, state) in &self.workers {
@@ -873,6 +891,7 @@ impl Scheduler {
                 .unstarted()
                 .filter(|l| !self.revoking.contains(l))
                 .filter_map(|l| self.leases.get(&l))
+                .filter(|info| !self.is_grouped(info.test))
                 .map(|info| self.cost(info.test) / self.agent_speed(key.agent))
                 .sum();
             if best.is_none_or(|(_, w)| work > w) {
@@ -898,6 +917,9 @@ impl Scheduler {
             let Some(info) = self.leases.get(&lease) else {
                 continue;
             };
+            if self.is_grouped(info.test) {
+                continue;
+            }
             taken_work += self.cost(info.test) / speed;
             taken.push(lease);
         }
@@ -1263,6 +1285,34 @@ mod tests {
             c,
             vec![Action::TestDone { test: 0, lease }, Action::RunDone]
         );
+    }
+
+    #[test]
+    fn tests_kept_together_for_their_fixtures_are_never_taken_back() {
+        // One module of six tests kept together (its fixture is expensive): a second worker
+        // arriving while the first runs it must not take its tail and set the fixture up again.
+        let units = vec![Unit {
+            tests: (0..6).collect(),
+            cost: 6.0,
+        }];
+        let mut sched = Scheduler::new(
+            units,
+            Estimates {
+                per_test: vec![1.0; 6],
+                known: vec![true; 6],
+            },
+        );
+        let now = Instant::now();
+        let held = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
+        assert_eq!(held.len(), 6, "the whole module goes to one worker");
+        sched.handle(
+            Event::Started {
+                lease: held[0].lease,
+            },
+            now,
+        );
+        let other = sched.handle(Event::WantWork(w(1, 0)), now);
+        assert_eq!(other, vec![Action::NoWork { worker: w(1, 0) }]);
     }
 
     #[test]

@@ -177,16 +177,37 @@ pub fn build(
         Dist::Auto => {
             // Keep a scope together when its fixture setup costs at least half of what its tests
             // take: splitting it over k workers pays the setup k times to save less than that.
-            let mut totals: HashMap<&str, f64> = HashMap::new();
+            let mut per_scope: HashMap<&str, Vec<f64>> = HashMap::new();
             for (i, test) in tests.iter().enumerate() {
-                *totals.entry(scope_of(&test.nodeid)).or_default() += estimates.per_test[i];
+                per_scope
+                    .entry(scope_of(&test.nodeid))
+                    .or_default()
+                    .push(estimates.per_test[i]);
             }
-            // History charges the fixture to the scope's first test, so the tests' own time
-            // is the scope's total less the fixture.
+            // History charges the fixture to whichever test paid it: the scope's first test
+            // when the scope ran on one worker, but one test per worker when an earlier run
+            // split it. A test whose estimate is the fixture plus a typical test of its scope
+            // paid it; counting those whole would make a split scope look expensive to keep
+            // together, and so split it again run after run.
+            let own_time = |fixture: f64, estimates: &[f64]| -> f64 {
+                let mut sorted = estimates.to_vec();
+                sorted.sort_by(f64::total_cmp);
+                let typical = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+                estimates
+                    .iter()
+                    .map(|e| {
+                        if *e >= fixture + typical * 0.5 {
+                            (e - fixture).max(0.0)
+                        } else {
+                            *e
+                        }
+                    })
+                    .sum()
+            };
             let together = |scope: &str| {
                 history.scopes.get(scope).is_some_and(|fixture| {
-                    let total = totals.get(scope).copied().unwrap_or(0.0);
-                    *fixture > 0.0 && *fixture >= 0.5 * (total - fixture).max(0.0)
+                    let estimates = per_scope.get(scope).map(Vec::as_slice).unwrap_or(&[]);
+                    *fixture > 0.0 && *fixture >= 0.5 * own_time(*fixture, estimates)
                 })
             };
             grouped(&|t| {
@@ -290,5 +311,27 @@ mod tests {
         let units = build(&tests, &e, &h, Dist::Auto);
         let groups: Vec<Vec<u32>> = units.iter().map(|u| u.tests.clone()).collect();
         assert_eq!(groups, vec![vec![0, 1], vec![2], vec![3]]);
+    }
+
+    #[test]
+    fn a_module_split_last_time_is_still_kept_together() {
+        // Last run spread the module over three workers: three tests paid its 0.3 s fixture.
+        let ids: Vec<String> = (0..10).map(|i| format!("fix.py::t{i}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let tests = collected(&refs);
+        let durations: Vec<(&str, f64)> = refs
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, if i % 4 == 0 { 0.32 } else { 0.02 }))
+            .collect();
+        let h = history(&durations, &[("fix.py", 0.3)]);
+        let e = estimate(&tests, &h, 0.1);
+        let units = build(&tests, &e, &h, Dist::Auto);
+        assert_eq!(
+            units.len(),
+            1,
+            "{:?}",
+            units.iter().map(|u| &u.tests).collect::<Vec<_>>()
+        );
     }
 }

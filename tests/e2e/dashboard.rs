@@ -4,8 +4,10 @@
 //! runs. A gate test holds one worker until the checks are done, so the run is in progress
 //! whatever the timing. Also: with a token, everything but `/healthz` requires it.
 //!
-//! Chromium is Debian's `chromium` package (`.ci/install-chromium` installs it); without it the
-//! browser test fails and says so.
+//! Chromium is Debian's `chromium` package (`.ci/install-chromium` installs it). Without it the
+//! browser half of the test fails when `CI` is set (CI installs it and must run it) and is
+//! skipped with a notice elsewhere, so the README's test command works on a machine with only
+//! cargo and python3.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -146,25 +148,28 @@ fn metric(text: &str, name: &str) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
-fn chromium() -> PathBuf {
+/// Chromium, if installed; fails the test on CI when it is not.
+fn chromium() -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
             .map(|dir| dir.join("chromium"))
             .find(|candidate| candidate.is_file())
     });
-    found.unwrap_or_else(|| {
-        panic!(
-            "the dashboard test drives the pages in headless Chromium, and `chromium` is not on \
-             PATH: install Debian's chromium package (`bash .ci/install-chromium`, or \
-             `apt-get install chromium`)"
-        )
-    })
+    if found.is_none() {
+        let why = "the dashboard test drives the pages in headless Chromium, and `chromium` is \
+                   not on PATH: install Debian's chromium package (`bash .ci/install-chromium`, \
+                   or `apt-get install chromium`)";
+        let on_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+        assert!(!on_ci, "{why}");
+        eprintln!("SKIPPED the browser checks of the dashboard test: {why}");
+    }
+    found
 }
 
 /// The page's DOM after its scripts ran for three seconds of virtual time (three polls).
-fn dump_dom(sandbox: &Sandbox, url: &str) -> String {
+fn dump_dom(sandbox: &Sandbox, chromium: &Path, url: &str) -> String {
     let profile = sandbox.dir("chromium-profile");
-    let mut command = Command::new(chromium());
+    let mut command = Command::new(chromium);
     command
         .args([
             "--headless",
@@ -281,40 +286,42 @@ fn health_metrics_and_the_live_pages_follow_a_real_run() {
         );
     }
 
-    let run_dom = dump_dom(&sandbox, &format!("http://{http}/runs/{run_id}"));
-    let canvas = run_dom
-        .find("<canvas id=\"timeline\"")
-        .map(|at| &run_dom[at..at + run_dom[at..].find('>').unwrap_or(0)])
-        .unwrap_or_else(|| panic!("no timeline canvas in\n{run_dom}"));
-    assert!(canvas.contains("data-drawn=\"1\""), "{canvas}");
-    assert!(
-        attribute_number(canvas, "data-bars") >= Some(3),
-        "the timeline drew fewer than three bars: {canvas}"
-    );
-    assert!(
-        run_dom.contains("class=\"lane-label\"") && run_dom.contains(&hostname),
-        "no lane of {hostname} on the run page\n{run_dom}"
-    );
-    assert!(
-        run_dom.contains("test_dashboard_suite.py::test_gate"),
-        "the run page does not list the running gate test\n{run_dom}"
-    );
+    if let Some(chromium) = chromium() {
+        let run_dom = dump_dom(&sandbox, &chromium, &format!("http://{http}/runs/{run_id}"));
+        let canvas = run_dom
+            .find("<canvas id=\"timeline\"")
+            .map(|at| &run_dom[at..at + run_dom[at..].find('>').unwrap_or(0)])
+            .unwrap_or_else(|| panic!("no timeline canvas in\n{run_dom}"));
+        assert!(canvas.contains("data-drawn=\"1\""), "{canvas}");
+        assert!(
+            attribute_number(canvas, "data-bars") >= Some(3),
+            "the timeline drew fewer than three bars: {canvas}"
+        );
+        assert!(
+            run_dom.contains("class=\"lane-label\"") && run_dom.contains(&hostname),
+            "no lane of {hostname} on the run page\n{run_dom}"
+        );
+        assert!(
+            run_dom.contains("test_dashboard_suite.py::test_gate"),
+            "the run page does not list the running gate test\n{run_dom}"
+        );
 
-    let agents_dom = dump_dom(&sandbox, &format!("http://{http}/agents"));
-    assert!(
-        agents_dom.contains(&format!("class=\"hostname\">{hostname}<")),
-        "the agents page does not show {hostname}\n{agents_dom}"
-    );
-    assert!(
-        agents_dom.contains("class=\"worker\" data-worker=\"0\"")
-            && agents_dom.contains("class=\"worker\" data-worker=\"1\""),
-        "the agents page does not list both workers\n{agents_dom}"
-    );
-    assert!(
-        agents_dom.contains("data-state=\"busy\"")
-            && agents_dom.contains("test_dashboard_suite.py::test_gate"),
-        "the agents page does not show the worker running the gate test\n{agents_dom}"
-    );
+        let agents_dom = dump_dom(&sandbox, &chromium, &format!("http://{http}/agents"));
+        assert!(
+            agents_dom.contains(&format!("class=\"hostname\">{hostname}<")),
+            "the agents page does not show {hostname}\n{agents_dom}"
+        );
+        assert!(
+            agents_dom.contains("class=\"worker\" data-worker=\"0\"")
+                && agents_dom.contains("class=\"worker\" data-worker=\"1\""),
+            "the agents page does not list both workers\n{agents_dom}"
+        );
+        assert!(
+            agents_dom.contains("data-state=\"busy\"")
+                && agents_dom.contains("test_dashboard_suite.py::test_gate"),
+            "the agents page does not show the worker running the gate test\n{agents_dom}"
+        );
+    }
 
     gate.open();
     let finished = run.wait(HANG_GUARD);

@@ -47,13 +47,13 @@ const COLLECT_TIMEOUT: Duration = Duration::from_secs(300);
 )]
 pub struct Args {
     /// Fake agents, each on its own connection.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 500)]
     agents: usize,
     /// Workers per agent.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 8)]
     workers: u32,
     /// Tests in the synthetic suite.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     tests: u32,
     /// The coordinator binary (default: `fly-coordinator` next to this binary).
     #[arg(long)]
