@@ -36,7 +36,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
 
 /// Hang guard for anything awaited here; never a timing assertion.
-const WAIT: Duration = Duration::from_secs(5);
+const WAIT: Duration = Duration::from_secs(30);
 
 /// The run's collection.
 const TESTS: [&str; 3] = [
@@ -676,7 +676,7 @@ async fn dispatcher_case(templates: &[Template]) -> Result<(), String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 3000, max_shrink_iters: 0, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
     fn whatever_an_agent_sends_another_agent_can_finish_the_run_and_each_test_counts_once(
@@ -688,7 +688,7 @@ proptest! {
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         runtime
             .block_on(dispatcher_case(&templates))
-            .map_err(|e| { eprintln!("CASE FAILED: {e}\n{templates:#?}"); TestCaseError::fail(e) })?;
+            .map_err(TestCaseError::fail)?;
     }
 }
 

@@ -15,9 +15,11 @@
 //! thread nor hold up the others. Nothing is rejected for referring to a missing row: the schema
 //! has no foreign keys.
 //!
-//! The channel is unbounded: the producers are the coordinator's own tasks, which must never
-//! block on the store, and the writer normally keeps up by a wide margin. The price is that
-//! while the database cannot be written, queued writes accumulate in memory.
+//! [`Store::write`] never blocks: the producers are the coordinator's own tasks. The backlog is
+//! bounded all the same: the dispatcher waits for [`Store::room`] (fewer than
+//! [`StoreConfig::backlog_limit`] writes queued) before it takes the next agent message, so
+//! while the disk is slow, full or locked the farm waits in gRPC flow control instead of the
+//! queue growing without limit.
 //!
 //! Reads the coordinator itself needs ([`Store::load_history`]) run on read-only connections of
 //! their own on tokio's blocking pool: never on the writer thread (they would wait behind a

@@ -5,8 +5,7 @@
 //! each one runs in its own transaction together with the bump of `user_version`, so a crash
 //! mid-migration leaves the file at the previous version, never half-migrated. Migrations are
 //! only ever appended: a released script is never edited, because databases in the field
-//! already ran it. Planned later versions add attempt/lease tables and retention; they go at the
-//! end of `MIGRATIONS`.
+//! already ran it. A new version goes at the end of `MIGRATIONS`.
 
 use std::path::Path;
 use std::time::Duration;
