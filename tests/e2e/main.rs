@@ -11,6 +11,7 @@ mod export;
 mod fixture_project;
 mod history;
 mod interrupt;
+mod labels;
 mod listen;
 mod local;
 mod mismatched_agent;
