@@ -1018,44 +1018,38 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             lease,
             agent_id,
             worker,
-        } if *attempts <= 1 => {
-            // The test's only attempt: no other lease has reports to mark superseded.
-            conn.prepare_cached(
-                "INSERT OR REPLACE INTO results (run_id, test_index, nodeid, outcome, duration,
-                     attempts, lease, agent_id, worker)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![
-                run_id, test_index, nodeid, outcome, duration, attempts, lease, agent_id, worker
-            ])?;
+        } => {
+            let insert = || {
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO results (run_id, test_index, nodeid, outcome,
+                         duration, attempts, lease, agent_id, worker)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
+                    run_id, test_index, nodeid, outcome, duration, attempts, lease, agent_id,
+                    worker
+                ])
+                .map(|_| ())
+            };
+            if *attempts <= 1 {
+                // The test's only attempt: no other lease has reports to mark superseded, so
+                // the common case costs one statement and no savepoint.
+                insert()?;
+            } else {
+                atomically(conn, || {
+                    insert()?;
+                    // Only the result's own attempt counts. Rows already marked are left
+                    // untouched.
+                    conn.prepare_cached(
+                        "UPDATE reports SET superseded = 1
+                         WHERE run_id = ?1 AND test_index = ?2 AND lease <> ?3
+                           AND superseded = 0",
+                    )?
+                    .execute(params![run_id, test_index, lease])?;
+                    Ok(())
+                })?;
+            }
         }
-        Write::TestResult {
-            run_id,
-            test_index,
-            nodeid,
-            outcome,
-            duration,
-            attempts,
-            lease,
-            agent_id,
-            worker,
-        } => atomically(conn, || {
-            conn.prepare_cached(
-                "INSERT OR REPLACE INTO results (run_id, test_index, nodeid, outcome, duration,
-                     attempts, lease, agent_id, worker)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![
-                run_id, test_index, nodeid, outcome, duration, attempts, lease, agent_id, worker
-            ])?;
-            // Only the result's own attempt counts. Rows already marked are left untouched.
-            conn.prepare_cached(
-                "UPDATE reports SET superseded = 1
-                 WHERE run_id = ?1 AND test_index = ?2 AND lease <> ?3 AND superseded = 0",
-            )?
-            .execute(params![run_id, test_index, lease])?;
-            Ok(())
-        })?,
         Write::TestResultDetails {
             run_id,
             test_index,
