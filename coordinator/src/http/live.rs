@@ -19,8 +19,8 @@ use serde::Serialize;
 
 use crate::observe::{epoch_now, AgentNow, RunNow};
 use crate::report::{
-    html, AgentInfo, Db, Failure, PhaseRecord, ReportError, ResultRecord, RunInfo, RunInput,
-    RunStats, RunView, SlowTest,
+    html, phase_record, AgentInfo, Db, Failure, PhaseRecord, ReportError, ResultRecord, RunInfo,
+    RunInput, RunStats, RunView, SlowTest, PHASE_COLUMNS,
 };
 
 /// Phase reports a live timeline shows at most (about a third as many tests).
@@ -231,49 +231,21 @@ fn recent_reports(
     run_id: &str,
     live: bool,
 ) -> Result<(Vec<PhaseRecord>, bool), ReportError> {
-    const COLUMNS: &str = "test_index, nodeid, lease, phase, outcome, category, duration, start,
-        stop, agent_id, worker, superseded,
-        CASE WHEN category IN ('failed', 'error') OR outcome = 'failed' THEN longrepr END,
-        CASE WHEN category IN ('failed', 'error') OR outcome = 'failed' THEN message END,
-        CASE WHEN category IN ('failed', 'error') OR outcome = 'failed' THEN sections END";
     let limit = i64::try_from(TIMELINE_REPORTS + 1).unwrap_or(i64::MAX);
     let scan = i64::try_from(SCAN_ROWS).unwrap_or(i64::MAX);
-    let read = |row: &rusqlite::Row<'_>| -> rusqlite::Result<PhaseRecord> {
-        let sections: Option<String> = row.get(14)?;
-        Ok(PhaseRecord {
-            test_index: to_u32(row.get(0)?),
-            nodeid: row.get(1)?,
-            lease: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
-            phase: row.get::<_, Option<String>>(3)?.unwrap_or_default(),
-            outcome: row.get(4)?,
-            category: row.get(5)?,
-            duration: row.get(6)?,
-            start: row.get(7)?,
-            stop: row.get(8)?,
-            agent_id: row.get(9)?,
-            worker: to_u32(row.get(10)?),
-            superseded: row.get::<_, i64>(11)? != 0,
-            longrepr: row.get(12)?,
-            message: row.get(13)?,
-            sections: sections
-                .as_deref()
-                .and_then(|j| serde_json::from_str(j).ok())
-                .unwrap_or_default(),
-        })
-    };
     let failed = db.sqlite("reading the run's recent reports");
     // Walks the table backwards by rowid from the newest row that can be the run's, and stops
     // at the limit: the run's index would visit (and sort) every report of the run.
     let mut reports = if live {
         // A run in progress: among the newest rows of the table.
         let sql = format!(
-            "SELECT {COLUMNS} FROM reports NOT INDEXED
+            "SELECT {PHASE_COLUMNS} FROM reports NOT INDEXED
              WHERE id > (SELECT max(id) FROM reports) - ?3 AND run_id = ?1
              ORDER BY id DESC LIMIT ?2"
         );
         let mut stmt = db.conn().prepare(&sql).map_err(&failed)?;
         let rows = stmt
-            .query_map(params![run_id, limit, scan], read)
+            .query_map(params![run_id, limit, scan], phase_record)
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(&failed)?;
         rows
@@ -291,12 +263,12 @@ fn recent_reports(
             return Ok((Vec::new(), false));
         };
         let sql = format!(
-            "SELECT {COLUMNS} FROM reports NOT INDEXED
+            "SELECT {PHASE_COLUMNS} FROM reports NOT INDEXED
              WHERE id BETWEEN ?3 AND ?4 AND run_id = ?1 ORDER BY id DESC LIMIT ?2"
         );
         let mut stmt = db.conn().prepare(&sql).map_err(&failed)?;
         let rows = stmt
-            .query_map(params![run_id, limit, first, last], read)
+            .query_map(params![run_id, limit, first, last], phase_record)
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(&failed)?;
         rows

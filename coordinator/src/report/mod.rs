@@ -370,43 +370,14 @@ impl Db {
     }
 
     fn read_reports(&self, run_id: &str) -> Result<Vec<PhaseRecord>, ReportError> {
-        // Tracebacks and captured output only for failing phases: a passing run of 50,000
-        // tests has nothing to show there and need not hold it in memory.
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT test_index, nodeid, lease, phase, outcome, category, duration, start, stop,
-                     agent_id, worker, superseded,
-                     CASE WHEN category IN ('failed', 'error') OR outcome = 'failed'
-                          THEN longrepr END,
-                     CASE WHEN category IN ('failed', 'error') OR outcome = 'failed'
-                          THEN message END,
-                     CASE WHEN category IN ('failed', 'error') OR outcome = 'failed'
-                          THEN sections END
-                 FROM reports WHERE run_id = ?1 ORDER BY id",
-            )
+            .prepare(&format!(
+                "SELECT {PHASE_COLUMNS} FROM reports WHERE run_id = ?1 ORDER BY id"
+            ))
             .map_err(self.sqlite("reading the run's reports"))?;
         let rows = stmt
-            .query_map([run_id], |row| {
-                let sections: Option<String> = row.get(14)?;
-                Ok(PhaseRecord {
-                    test_index: to_u32(row.get(0)?),
-                    nodeid: row.get(1)?,
-                    lease: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
-                    phase: row.get::<_, Option<String>>(3)?.unwrap_or_default(),
-                    outcome: row.get(4)?,
-                    category: row.get(5)?,
-                    duration: row.get(6)?,
-                    start: row.get(7)?,
-                    stop: row.get(8)?,
-                    agent_id: row.get(9)?,
-                    worker: to_u32(row.get(10)?),
-                    superseded: row.get::<_, i64>(11)? != 0,
-                    longrepr: row.get(12)?,
-                    message: row.get(13)?,
-                    sections: parse_sections(sections.as_deref()),
-                })
-            })
+            .query_map([run_id], phase_record)
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(self.sqlite("reading the run's reports"))?;
         Ok(rows)
@@ -1172,6 +1143,37 @@ fn truncate(text: &str, limit: usize) -> String {
         &text[..end],
         text.len() - end
     )
+}
+
+/// The `reports` columns [`phase_record`] reads, in its order. Tracebacks and captured output
+/// only for failing phases: a passing run of 50,000 tests has nothing to show there and need
+/// not hold it in memory.
+pub(crate) const PHASE_COLUMNS: &str = "test_index, nodeid, lease, phase, outcome, category,
+    duration, start, stop, agent_id, worker, superseded,
+    CASE WHEN category IN ('failed', 'error') OR outcome = 'failed' THEN longrepr END,
+    CASE WHEN category IN ('failed', 'error') OR outcome = 'failed' THEN message END,
+    CASE WHEN category IN ('failed', 'error') OR outcome = 'failed' THEN sections END";
+
+/// One row selected with [`PHASE_COLUMNS`].
+pub(crate) fn phase_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<PhaseRecord> {
+    let sections: Option<String> = row.get(14)?;
+    Ok(PhaseRecord {
+        test_index: to_u32(row.get(0)?),
+        nodeid: row.get(1)?,
+        lease: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
+        phase: row.get::<_, Option<String>>(3)?.unwrap_or_default(),
+        outcome: row.get(4)?,
+        category: row.get(5)?,
+        duration: row.get(6)?,
+        start: row.get(7)?,
+        stop: row.get(8)?,
+        agent_id: row.get(9)?,
+        worker: to_u32(row.get(10)?),
+        superseded: row.get::<_, i64>(11)? != 0,
+        longrepr: row.get(12)?,
+        message: row.get(13)?,
+        sections: parse_sections(sections.as_deref()),
+    })
 }
 
 fn to_u32(value: i64) -> u32 {
