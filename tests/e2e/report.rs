@@ -26,6 +26,19 @@ fn coordinator(cwd: &Path, args: &[&str]) -> Finished {
 }
 
 /// The JSON the page embeds for its timeline.
+/// The latest run's failing phase reports, to explain a failed count.
+fn failing_reports(db: &Path) -> String {
+    let record = FlyDb::open_or_panic(db);
+    let run_id = record.run_id();
+    let rows = record.query(
+        "reports",
+        "SELECT nodeid, lease, phase, category, superseded FROM reports
+         WHERE run_id = ?1 AND (category IN ('failed', 'error') OR outcome = 'failed')",
+        &[&run_id],
+    );
+    format!("{rows:#?}")
+}
+
 fn embedded_data(page: &str) -> serde_json::Value {
     let open = "<script id=\"fly-data\" type=\"application/json\">";
     let start = page.find(open).expect("the page embeds its data") + open.len();
@@ -95,7 +108,13 @@ fn report_runs_and_slowest_show_what_the_runs_did() {
         assert!(page.contains(marker), "the page shows the failure {marker}");
     }
     // Four failed calls, a setup error and a teardown error.
-    assert!(page.contains("Failures (6)"), "six failing phases");
+    assert!(
+        page.contains("Failures (6)"),
+        "six failing phases; the page has {:?}\n{}",
+        page.find("Failures (")
+            .map(|at| &page[at..(at + 16).min(page.len())]),
+        failing_reports(&db)
+    );
     assert!(page.contains(SUMMARY));
     let utilization = data["stats"]["overall_utilization"]
         .as_f64()
