@@ -26,6 +26,7 @@
 //! batch) and never on the runtime's threads.
 
 mod history;
+mod keys;
 mod resume;
 mod retention;
 mod schema;
@@ -370,6 +371,7 @@ impl Store {
             path: path.to_path_buf(),
             config,
             backlog: backlog.clone(),
+            keys: keys::Keys::default(),
         };
         std::thread::Builder::new()
             .name("fly-store-writer".into())
@@ -527,6 +529,7 @@ struct Writer {
     path: PathBuf,
     config: StoreConfig,
     backlog: Arc<Backlog>,
+    keys: keys::Keys,
 }
 
 impl Writer {
@@ -681,7 +684,7 @@ impl Writer {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut skipped = 0;
         for w in batch {
-            if let Err(err) = apply(&tx, w) {
+            if let Err(err) = apply(&tx, &mut self.keys, w) {
                 if affects_only_this_write(&err) {
                     skipped += 1;
                     tracing::error!(
@@ -692,12 +695,16 @@ impl Writer {
                         "the store rejected a write; skipping it"
                     );
                 } else {
-                    // Dropping `tx` rolls the whole batch back.
+                    // Dropping `tx` rolls the whole batch back, with the keys it created.
+                    self.keys.forget();
                     return Err(err);
                 }
             }
         }
-        tx.commit()?;
+        if let Err(err) = tx.commit() {
+            self.keys.forget();
+            return Err(err);
+        }
         Ok(skipped)
     }
 }
@@ -789,7 +796,7 @@ fn warn_if_missing(changed: usize, w: &Write) {
 }
 
 /// Applies one write inside the batch's transaction.
-fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
+fn apply(conn: &Connection, keys: &mut keys::Keys, w: &Write) -> rusqlite::Result<()> {
     match w {
         Write::RunCreated {
             run_id,
@@ -834,26 +841,33 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             run_id,
             tests,
             deselected,
-        } => atomically(conn, || {
-            let mut insert = conn.prepare_cached(
-                "INSERT INTO run_tests (run_id, test_index, nodeid, file, line)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (run_id, test_index) DO UPDATE SET nodeid = excluded.nodeid,
-                     file = excluded.file, line = excluded.line",
-            )?;
-            for (index, test) in tests.iter().enumerate() {
-                let line = (test.line != 0).then_some(test.line);
-                insert.execute(params![run_id, index as i64, test.nodeid, test.file, line])?;
-            }
-            // A shorter re-collection must not leave the old tail behind.
-            conn.prepare_cached("DELETE FROM run_tests WHERE run_id = ?1 AND test_index >= ?2")?
-                .execute(params![run_id, tests.len() as i64])?;
-            let changed = conn
-                .prepare_cached("UPDATE runs SET collected = ?2, deselected = ?3 WHERE id = ?1")?
-                .execute(params![run_id, tests.len() as i64, deselected])?;
-            warn_if_missing(changed, w);
-            Ok(())
-        })?,
+        } => {
+            let run = keys.run(conn, run_id)?;
+            atomically(conn, || {
+                let mut insert = conn.prepare_cached(
+                    "INSERT INTO collected (run, test_index, nodeid, file, line)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (run, test_index) DO UPDATE SET nodeid = excluded.nodeid,
+                         file = excluded.file, line = excluded.line",
+                )?;
+                for (index, test) in tests.iter().enumerate() {
+                    let line = (test.line != 0).then_some(test.line);
+                    let file = keys::file_to_store(&test.nodeid, &test.file);
+                    insert.execute(params![run, index as i64, test.nodeid, file, line])?;
+                }
+                // A shorter re-collection must not leave the old tail behind.
+                conn.prepare_cached("DELETE FROM collected WHERE run = ?1 AND test_index >= ?2")?
+                    .execute(params![run, tests.len() as i64])?;
+                let changed = conn
+                    .prepare_cached(
+                        "UPDATE runs SET collected = ?2, deselected = ?3 WHERE id = ?1",
+                    )?
+                    .execute(params![run_id, tests.len() as i64, deselected])?;
+                warn_if_missing(changed, w);
+                Ok(())
+            })?;
+            keys.collected(run, tests.clone());
+        }
         Write::RunFinished {
             run_id,
             status,
@@ -877,6 +891,8 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
                     non_empty(message)
                 ])?;
             warn_if_missing(changed, w);
+            let run = keys.run(conn, run_id)?;
+            keys.finished(run);
         }
         Write::AgentConnected {
             agent_id,
@@ -983,14 +999,17 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             };
             // The dispatcher marks a report superseded when its lease is no longer the test's
             // current one, which covers a late report arriving after another lease's result.
+            let run = keys.run(conn, run_id)?;
+            let agent = keys.agent(conn, agent_id)?;
+            let nodeid = keys.nodeid_to_store(run, report.test_index, nodeid);
             conn.prepare_cached(
-                "INSERT INTO reports (run_id, test_index, nodeid, lease, phase, outcome, category,
-                     duration, start, stop, agent_id, worker, longrepr, message, sections,
+                "INSERT INTO phase_reports (run, test_index, nodeid, lease, phase, outcome,
+                     category, duration, start, stop, agent, worker, longrepr, message, sections,
                      superseded)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?
             .execute(params![
-                run_id,
+                run,
                 report.test_index,
                 nodeid,
                 report.lease,
@@ -1000,7 +1019,7 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
                 report.duration,
                 report.start,
                 report.stop,
-                agent_id,
+                agent,
                 worker,
                 non_empty(&report.longrepr),
                 non_empty(&report.message),
@@ -1019,15 +1038,17 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             agent_id,
             worker,
         } => {
+            let run = keys.run(conn, run_id)?;
+            let agent = keys.agent(conn, agent_id)?;
+            let nodeid = keys.nodeid_to_store(run, *test_index, nodeid);
             let insert = || {
                 conn.prepare_cached(
-                    "INSERT OR REPLACE INTO results (run_id, test_index, nodeid, outcome,
-                         duration, attempts, lease, agent_id, worker)
+                    "INSERT OR REPLACE INTO test_results (run, test_index, nodeid, outcome,
+                         duration, attempts, lease, agent, worker)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )?
                 .execute(params![
-                    run_id, test_index, nodeid, outcome, duration, attempts, lease, agent_id,
-                    worker
+                    run, test_index, nodeid, outcome, duration, attempts, lease, agent, worker
                 ])
                 .map(|_| ())
             };
@@ -1041,11 +1062,11 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
                     // Only the result's own attempt counts. Rows already marked are left
                     // untouched.
                     conn.prepare_cached(
-                        "UPDATE reports SET superseded = 1
-                         WHERE run_id = ?1 AND test_index = ?2 AND lease <> ?3
+                        "UPDATE phase_reports SET superseded = 1
+                         WHERE run = ?1 AND test_index = ?2 AND lease <> ?3
                            AND superseded = 0",
                     )?
-                    .execute(params![run_id, test_index, lease])?;
+                    .execute(params![run, test_index, lease])?;
                     Ok(())
                 })?;
             }
@@ -1056,10 +1077,11 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             flaky,
             lost_on,
         } => {
+            let run = keys.run(conn, run_id)?;
             conn.prepare_cached(
-                "UPDATE results SET flaky = ?3, lost_on = ?4 WHERE run_id = ?1 AND test_index = ?2",
+                "UPDATE test_results SET flaky = ?3, lost_on = ?4 WHERE run = ?1 AND test_index = ?2",
             )?
-            .execute(params![run_id, test_index, flaky, non_empty(lost_on)])?;
+            .execute(params![run, test_index, flaky, non_empty(lost_on)])?;
         }
         Write::RecordHistory {
             project,
@@ -1166,6 +1188,156 @@ mod tests {
         let conn = reader(&path);
         assert_eq!(user_version(&conn), SCHEMA_VERSION);
         assert_eq!(count(&conn, "SELECT count(*) FROM runs"), 2);
+    }
+
+    /// Every row of `sql`, as SQLite values, for comparing what a query shows.
+    fn rows(conn: &Connection, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
+        let mut stmt = conn.prepare(sql).expect(sql);
+        let columns = stmt.column_count();
+        stmt.query_map([], |row| {
+            (0..columns)
+                .map(|i| row.get::<_, rusqlite::types::Value>(i))
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .expect(sql)
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .expect(sql)
+    }
+
+    #[tokio::test]
+    async fn version_5_rows_read_the_same_after_the_compact_migration() {
+        let (dir, _) = temp_db();
+        let path = dir.path().join("v5.sqlite");
+        {
+            let mut conn = Connection::open(&path).expect("create");
+            let tx = conn.transaction().expect("tx");
+            for script in &schema::MIGRATIONS[..5] {
+                tx.execute_batch(script).expect("old migration");
+            }
+            tx.pragma_update(None, "user_version", 5).expect("version");
+            tx.execute_batch(
+                "INSERT INTO runs (id, project, status, pytest_args, created_at)
+                     VALUES ('run-a', 'p', 'passed', '[]', 1.0), ('run-b', 'p', 'failed', '[]', 2.0);
+                 INSERT INTO run_tests VALUES
+                     ('run-a', 0, 'pkg/t.py::test_x', 'pkg/t.py', 3),
+                     ('run-a', 1, 'pkg/t.py::C::test_y[1]', 'pkg/t.py', NULL),
+                     ('run-a', 2, 'odd.py::test_z', 'elsewhere.py', 9),
+                     ('run-b', 0, 'plain_nodeid', 'plain_nodeid', 1);
+                 INSERT INTO reports (run_id, test_index, nodeid, lease, phase, outcome, category,
+                         duration, start, stop, agent_id, worker, longrepr, message, sections,
+                         superseded) VALUES
+                     ('run-a', 0, 'pkg/t.py::test_x', 1, 'setup', 'passed', '', 0.1, 10, 10.1,
+                      'agent-1', 0, NULL, NULL, NULL, 0),
+                     ('run-a', 0, 'pkg/t.py::test_x', 1, 'call', 'failed', 'failed', 0.2, 10.1,
+                      10.3, 'agent-1', 0, 'trace', 'boom', '[[\"out\",\"x\"]]', 1),
+                     ('run-a', 1, 'a renamed nodeid', 2, NULL, 'failed', 'error', 0, 11, 11,
+                      'agent-2', 3, 'crash', NULL, NULL, 0),
+                     ('run-x', 7, 'uncollected.py::t', 1, 'call', 'passed', 'passed', 1, 1, 2,
+                      'agent-9', 1, NULL, NULL, NULL, 0);
+                 INSERT INTO results (run_id, test_index, nodeid, outcome, duration, attempts,
+                         lease, agent_id, worker, flaky, lost_on) VALUES
+                     ('run-a', 0, 'pkg/t.py::test_x', 'failed', 0.3, 1, 1, 'agent-1', 0, 0, NULL),
+                     ('run-a', 1, 'a renamed nodeid', 'error', 0, 2, 2, 'agent-2', 3, 1, '[]'),
+                     ('run-x', 7, 'uncollected.py::t', 'passed', 1, 1, 1, 'agent-9', 1, 0, NULL);",
+            )
+            .expect("old rows");
+            tx.commit().expect("commit");
+        }
+        let queries = [
+            "SELECT * FROM run_tests ORDER BY run_id, test_index",
+            "SELECT * FROM reports ORDER BY id",
+            "SELECT * FROM results ORDER BY run_id, test_index",
+        ];
+        let before: Vec<_> = {
+            let conn = reader(&path);
+            queries.iter().map(|q| rows(&conn, q)).collect()
+        };
+        assert_eq!(before.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 3]);
+
+        let store = Store::open(&path).expect("migrate");
+        store.close().await.expect("close");
+        let conn = reader(&path);
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
+        let after: Vec<_> = queries.iter().map(|q| rows(&conn, q)).collect();
+        assert_eq!(
+            before, after,
+            "the views show exactly the rows version 5 held"
+        );
+        // Stored compactly: the node ids and files the collection gives are left out.
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM phase_reports WHERE nodeid IS NULL"
+            ),
+            2
+        );
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM collected WHERE file IS NULL"),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn reports_leave_out_the_node_id_their_collection_holds_and_read_back_whole() {
+        let (_dir, path) = temp_db();
+        let store = Store::open(&path).expect("open");
+        store.write(run_created(RUN));
+        let tests = ["tests/test_x.py::test_0", "tests/test_x.py::test_1"]
+            .iter()
+            .map(|nodeid| CollectedTest {
+                nodeid: nodeid.to_string(),
+                file: "tests/test_x.py".into(),
+                line: 1,
+                group: String::new(),
+            })
+            .collect();
+        store.write(Write::RunCollected {
+            run_id: RUN.into(),
+            tests: Arc::new(tests),
+            deselected: 0,
+        });
+        store.write(report(RUN, 0, 1, Phase::Call, "passed"));
+        // A report whose node id is not the collection's at its index keeps it.
+        let mut stray = report(RUN, 1, 1, Phase::Call, "passed");
+        if let Write::Report { nodeid, .. } = &mut stray {
+            *nodeid = "t.py::renamed".into();
+        }
+        store.write(stray);
+        store.close().await.expect("close");
+
+        let conn = reader(&path);
+        assert_eq!(
+            rows(
+                &conn,
+                "SELECT test_index, nodeid, file FROM run_tests ORDER BY test_index"
+            ),
+            rows(
+                &conn,
+                "VALUES (0, 'tests/test_x.py::test_0', 'tests/test_x.py'),
+                        (1, 'tests/test_x.py::test_1', 'tests/test_x.py')"
+            )
+        );
+        assert_eq!(
+            rows(
+                &conn,
+                "SELECT test_index, nodeid FROM reports ORDER BY test_index"
+            ),
+            rows(
+                &conn,
+                "VALUES (0, 'tests/test_x.py::test_0'), (1, 't.py::renamed')"
+            )
+        );
+        assert_eq!(
+            rows(
+                &conn,
+                "SELECT nodeid FROM phase_reports ORDER BY test_index"
+            ),
+            rows(&conn, "VALUES (NULL), ('t.py::renamed')")
+        );
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM collected WHERE file IS NULL"),
+            2
+        );
     }
 
     #[test]

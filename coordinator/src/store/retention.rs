@@ -99,12 +99,15 @@ pub(super) struct Job {
 }
 
 /// The tables holding a run's rows, biggest first, each with the statement deleting up to
-/// `?2` of the run's rows.
+/// `?2` of the run's rows. The three big tables are keyed by the run's integer key (schema
+/// version 6); the key itself stays, as the `runs` row does.
 const RUN_TABLES: [&str; 4] = [
-    "DELETE FROM reports WHERE id IN (SELECT id FROM reports WHERE run_id = ?1 LIMIT ?2)",
-    "DELETE FROM results WHERE rowid IN (SELECT rowid FROM results WHERE run_id = ?1 LIMIT ?2)",
-    "DELETE FROM run_tests WHERE rowid IN
-         (SELECT rowid FROM run_tests WHERE run_id = ?1 LIMIT ?2)",
+    "DELETE FROM phase_reports WHERE id IN (SELECT id FROM phase_reports
+         WHERE run = (SELECT seq FROM run_keys WHERE run_id = ?1) LIMIT ?2)",
+    "DELETE FROM test_results WHERE (run, test_index) IN (SELECT run, test_index
+         FROM test_results WHERE run = (SELECT seq FROM run_keys WHERE run_id = ?1) LIMIT ?2)",
+    "DELETE FROM collected WHERE (run, test_index) IN (SELECT run, test_index
+         FROM collected WHERE run = (SELECT seq FROM run_keys WHERE run_id = ?1) LIMIT ?2)",
     "DELETE FROM run_agents WHERE rowid IN
          (SELECT rowid FROM run_agents WHERE run_id = ?1 LIMIT ?2)",
 ];
@@ -245,9 +248,12 @@ fn half_pruned(conn: &Connection) -> rusqlite::Result<Option<String>> {
     conn.query_row(
         "SELECT id FROM runs
          WHERE pruned_at = (SELECT max(pruned_at) FROM runs)
-           AND (EXISTS (SELECT 1 FROM reports WHERE run_id = runs.id)
-                OR EXISTS (SELECT 1 FROM results WHERE run_id = runs.id)
-                OR EXISTS (SELECT 1 FROM run_tests WHERE run_id = runs.id)
+           AND (EXISTS (SELECT 1 FROM run_keys k JOIN phase_reports p ON p.run = k.seq
+                        WHERE k.run_id = runs.id)
+                OR EXISTS (SELECT 1 FROM run_keys k JOIN test_results r ON r.run = k.seq
+                           WHERE k.run_id = runs.id)
+                OR EXISTS (SELECT 1 FROM run_keys k JOIN collected c ON c.run = k.seq
+                           WHERE k.run_id = runs.id)
                 OR EXISTS (SELECT 1 FROM run_agents WHERE run_id = runs.id))
          LIMIT 1",
         [],

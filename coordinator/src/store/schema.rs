@@ -16,8 +16,14 @@ use super::StoreError;
 
 /// Every migration, in order. The schema version of a fully migrated database is the length of
 /// this list.
-pub(super) const MIGRATIONS: &[&str] =
-    &[V1_INITIAL, V2_HISTORY, V3_RESUME, V4_RERUNS, V5_RETENTION];
+pub(super) const MIGRATIONS: &[&str] = &[
+    V1_INITIAL,
+    V2_HISTORY,
+    V3_RESUME,
+    V4_RERUNS,
+    V5_RETENTION,
+    V6_COMPACT,
+];
 
 /// The schema version this binary writes. A database with a higher `user_version` was written
 /// by a newer fly and is refused rather than guessed at.
@@ -177,6 +183,174 @@ ALTER TABLE results ADD COLUMN lost_on TEXT;
 const V5_RETENTION: &str = r#"
 ALTER TABLE runs ADD COLUMN pruned_at REAL;
 CREATE INDEX runs_to_prune ON runs (finished_at) WHERE pruned_at IS NULL;
+"#;
+
+/// Version 6: compact rows for the three tables that grow with every test (a million-test run
+/// wrote 978 MB under version 5, most of it the 36-character run id repeated in every row and
+/// index entry; on a slow disk the writer waited on those bytes).
+///
+/// - `run_keys` and `agent_keys` give each run and agent id a small integer (`seq`, an
+///   `INTEGER PRIMARY KEY`, so VACUUM never renumbers it). Keys are never deleted: a pruned run
+///   keeps its `runs` row and so its key.
+/// - `collected`, `phase_reports` and `test_results` hold the collection, the phase reports and
+///   the results keyed by those integers. `collected` and `test_results` are `WITHOUT ROWID`
+///   tables on `(run, test_index)`, so there is no second copy of the key in an index.
+///   `collected.file` is NULL when it is the node id's part before the first `::` (nearly
+///   always); `phase_reports.nodeid` and `test_results.nodeid` are NULL when the node id is the
+///   one `collected` holds for the test (the writer only leaves it out when it knows the run's
+///   collection).
+/// - `run_tests`, `reports` and `results` become views with the columns they always had, so
+///   every query (the coordinator's reports, `sqlite3` users' own) reads them as before.
+///   INSTEAD OF INSERT triggers let them be written too (tests and tools do); the coordinator's
+///   writer writes the tables directly.
+///
+/// Existing rows are copied over in this migration, which on a big file takes a while once.
+const V6_COMPACT: &str = r#"
+CREATE TABLE run_keys (
+    seq     INTEGER PRIMARY KEY,
+    run_id  TEXT NOT NULL UNIQUE
+);
+CREATE TABLE agent_keys (
+    seq       INTEGER PRIMARY KEY,
+    agent_id  TEXT NOT NULL UNIQUE
+);
+INSERT OR IGNORE INTO run_keys (run_id) SELECT id FROM runs ORDER BY created_at;
+INSERT OR IGNORE INTO run_keys (run_id) SELECT DISTINCT run_id FROM run_tests;
+INSERT OR IGNORE INTO run_keys (run_id) SELECT DISTINCT run_id FROM reports;
+INSERT OR IGNORE INTO run_keys (run_id) SELECT DISTINCT run_id FROM results;
+INSERT OR IGNORE INTO agent_keys (agent_id) SELECT id FROM agents ORDER BY connected_at;
+INSERT OR IGNORE INTO agent_keys (agent_id) SELECT DISTINCT agent_id FROM reports;
+INSERT OR IGNORE INTO agent_keys (agent_id) SELECT DISTINCT agent_id FROM results;
+
+CREATE TABLE collected (
+    run         INTEGER NOT NULL,
+    test_index  INTEGER NOT NULL,
+    nodeid      TEXT NOT NULL,
+    file        TEXT,
+    line        INTEGER,
+    PRIMARY KEY (run, test_index)
+) WITHOUT ROWID;
+INSERT INTO collected (run, test_index, nodeid, file, line)
+    SELECT k.seq, t.test_index, t.nodeid,
+           NULLIF(t.file, CASE WHEN instr(t.nodeid, '::') > 0
+                               THEN substr(t.nodeid, 1, instr(t.nodeid, '::') - 1) END),
+           t.line
+    FROM run_tests t JOIN run_keys k ON k.run_id = t.run_id;
+
+CREATE TABLE phase_reports (
+    id          INTEGER PRIMARY KEY,
+    run         INTEGER NOT NULL,
+    test_index  INTEGER NOT NULL,
+    nodeid      TEXT,
+    lease       INTEGER NOT NULL,
+    phase       TEXT,
+    outcome     TEXT NOT NULL,
+    category    TEXT NOT NULL,
+    duration    REAL NOT NULL,
+    start       REAL NOT NULL,
+    stop        REAL NOT NULL,
+    agent       INTEGER NOT NULL,
+    worker      INTEGER NOT NULL,
+    longrepr    TEXT,
+    message     TEXT,
+    sections    TEXT,
+    superseded  INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO phase_reports (id, run, test_index, nodeid, lease, phase, outcome, category,
+        duration, start, stop, agent, worker, longrepr, message, sections, superseded)
+    SELECT r.id, k.seq, r.test_index, NULLIF(r.nodeid, c.nodeid), r.lease, r.phase, r.outcome,
+           r.category, r.duration, r.start, r.stop, a.seq, r.worker, r.longrepr, r.message,
+           r.sections, r.superseded
+    FROM reports r
+    JOIN run_keys k ON k.run_id = r.run_id
+    JOIN agent_keys a ON a.agent_id = r.agent_id
+    LEFT JOIN collected c ON c.run = k.seq AND c.test_index = r.test_index;
+CREATE INDEX phase_reports_by_test ON phase_reports (run, test_index);
+
+CREATE TABLE test_results (
+    run         INTEGER NOT NULL,
+    test_index  INTEGER NOT NULL,
+    nodeid      TEXT,
+    outcome     TEXT NOT NULL,
+    duration    REAL NOT NULL,
+    attempts    INTEGER NOT NULL,
+    lease       INTEGER NOT NULL,
+    agent       INTEGER NOT NULL,
+    worker      INTEGER NOT NULL,
+    flaky       INTEGER NOT NULL DEFAULT 0,
+    lost_on     TEXT,
+    PRIMARY KEY (run, test_index)
+) WITHOUT ROWID;
+INSERT INTO test_results (run, test_index, nodeid, outcome, duration, attempts, lease, agent,
+        worker, flaky, lost_on)
+    SELECT k.seq, r.test_index, NULLIF(r.nodeid, c.nodeid), r.outcome, r.duration, r.attempts,
+           r.lease, a.seq, r.worker, r.flaky, r.lost_on
+    FROM results r
+    JOIN run_keys k ON k.run_id = r.run_id
+    JOIN agent_keys a ON a.agent_id = r.agent_id
+    LEFT JOIN collected c ON c.run = k.seq AND c.test_index = r.test_index;
+
+DROP TABLE run_tests;
+DROP TABLE reports;
+DROP TABLE results;
+
+CREATE VIEW run_tests AS
+    SELECT k.run_id AS run_id, c.test_index AS test_index, c.nodeid AS nodeid,
+           coalesce(c.file, substr(c.nodeid, 1, instr(c.nodeid, '::') - 1)) AS file,
+           c.line AS line
+    FROM collected c JOIN run_keys k ON k.seq = c.run;
+
+CREATE VIEW reports AS
+    SELECT p.id AS id, k.run_id AS run_id, p.test_index AS test_index,
+           coalesce(p.nodeid, c.nodeid) AS nodeid, p.lease AS lease, p.phase AS phase,
+           p.outcome AS outcome, p.category AS category, p.duration AS duration,
+           p.start AS start, p.stop AS stop, a.agent_id AS agent_id, p.worker AS worker,
+           p.longrepr AS longrepr, p.message AS message, p.sections AS sections,
+           p.superseded AS superseded
+    FROM phase_reports p
+    JOIN run_keys k ON k.seq = p.run
+    JOIN agent_keys a ON a.seq = p.agent
+    LEFT JOIN collected c ON c.run = p.run AND c.test_index = p.test_index;
+
+CREATE VIEW results AS
+    SELECT k.run_id AS run_id, r.test_index AS test_index,
+           coalesce(r.nodeid, c.nodeid) AS nodeid, r.outcome AS outcome,
+           r.duration AS duration, r.attempts AS attempts, r.lease AS lease,
+           a.agent_id AS agent_id, r.worker AS worker, r.flaky AS flaky, r.lost_on AS lost_on
+    FROM test_results r
+    JOIN run_keys k ON k.seq = r.run
+    JOIN agent_keys a ON a.seq = r.agent
+    LEFT JOIN collected c ON c.run = r.run AND c.test_index = r.test_index;
+
+CREATE TRIGGER run_tests_insert INSTEAD OF INSERT ON run_tests BEGIN
+    INSERT OR IGNORE INTO run_keys (run_id) VALUES (NEW.run_id);
+    INSERT OR REPLACE INTO collected (run, test_index, nodeid, file, line)
+        VALUES ((SELECT seq FROM run_keys WHERE run_id = NEW.run_id), NEW.test_index,
+                NEW.nodeid, NEW.file, NEW.line);
+END;
+
+CREATE TRIGGER reports_insert INSTEAD OF INSERT ON reports BEGIN
+    INSERT OR IGNORE INTO run_keys (run_id) VALUES (NEW.run_id);
+    INSERT OR IGNORE INTO agent_keys (agent_id) VALUES (NEW.agent_id);
+    INSERT INTO phase_reports (id, run, test_index, nodeid, lease, phase, outcome, category,
+            duration, start, stop, agent, worker, longrepr, message, sections, superseded)
+        VALUES (NEW.id, (SELECT seq FROM run_keys WHERE run_id = NEW.run_id), NEW.test_index,
+                NEW.nodeid, NEW.lease, NEW.phase, NEW.outcome, NEW.category, NEW.duration,
+                NEW.start, NEW.stop, (SELECT seq FROM agent_keys WHERE agent_id = NEW.agent_id),
+                NEW.worker, NEW.longrepr, NEW.message, NEW.sections,
+                coalesce(NEW.superseded, 0));
+END;
+
+CREATE TRIGGER results_insert INSTEAD OF INSERT ON results BEGIN
+    INSERT OR IGNORE INTO run_keys (run_id) VALUES (NEW.run_id);
+    INSERT OR IGNORE INTO agent_keys (agent_id) VALUES (NEW.agent_id);
+    INSERT OR REPLACE INTO test_results (run, test_index, nodeid, outcome, duration, attempts,
+            lease, agent, worker, flaky, lost_on)
+        VALUES ((SELECT seq FROM run_keys WHERE run_id = NEW.run_id), NEW.test_index,
+                NEW.nodeid, NEW.outcome, NEW.duration, NEW.attempts, NEW.lease,
+                (SELECT seq FROM agent_keys WHERE agent_id = NEW.agent_id), NEW.worker,
+                coalesce(NEW.flaky, 0), NEW.lost_on);
+END;
 "#;
 
 /// Opens (or creates) the database file and applies the settings the store relies on: WAL so

@@ -1,0 +1,125 @@
+//! What the writer remembers to fill in the compact rows of schema version 6 without a lookup
+//! per row: the small integer key of each run and agent id (`run_keys`, `agent_keys`), and the
+//! collection of each run in progress, so that a report's or result's node id is left out of
+//! its row when the run's `collected` row already holds it.
+//!
+//! Everything here is a cache of what the database holds. After a batch is rolled back
+//! ([`Keys::forget`]) the keys are looked up again, since keys created in that batch are gone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fly_common::proto::CollectedTest;
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// Ids remembered before the caches start over: enough for every run and agent of a busy
+/// coordinator's day, small enough that a coordinator up for a year does not grow.
+const MAX_REMEMBERED: usize = 100_000;
+/// Collections remembered at once (runs in progress on one coordinator).
+const MAX_COLLECTIONS: usize = 64;
+
+/// The writer's caches.
+#[derive(Default)]
+pub(super) struct Keys {
+    runs: HashMap<String, i64>,
+    agents: HashMap<String, i64>,
+    collections: HashMap<i64, Arc<Vec<CollectedTest>>>,
+}
+
+impl Keys {
+    /// The key of run `run_id`, created on first use.
+    pub(super) fn run(&mut self, conn: &Connection, run_id: &str) -> rusqlite::Result<i64> {
+        key(conn, &mut self.runs, "run_keys", "run_id", run_id)
+    }
+
+    /// The key of agent `agent_id`, created on first use.
+    pub(super) fn agent(&mut self, conn: &Connection, agent_id: &str) -> rusqlite::Result<i64> {
+        key(conn, &mut self.agents, "agent_keys", "agent_id", agent_id)
+    }
+
+    /// Run `run`'s collection was written (and committed with the rows that follow it).
+    pub(super) fn collected(&mut self, run: i64, tests: Arc<Vec<CollectedTest>>) {
+        if self.collections.len() >= MAX_COLLECTIONS && !self.collections.contains_key(&run) {
+            self.collections.clear();
+        }
+        self.collections.insert(run, tests);
+    }
+
+    /// Run `run` is over: its late reports carry their node ids in full.
+    pub(super) fn finished(&mut self, run: i64) {
+        self.collections.remove(&run);
+    }
+
+    /// The node id to store for test `index` of run `run`: none when the run's collection, as
+    /// written, holds this very node id at that index.
+    pub(super) fn nodeid_to_store<'a>(
+        &self,
+        run: i64,
+        index: u32,
+        nodeid: &'a str,
+    ) -> Option<&'a str> {
+        let collected = self
+            .collections
+            .get(&run)
+            .and_then(|tests| tests.get(index as usize))
+            .is_some_and(|test| test.nodeid == nodeid);
+        (!collected).then_some(nodeid)
+    }
+
+    /// The batch these keys were created in was rolled back: look them up afresh.
+    pub(super) fn forget(&mut self) {
+        self.runs.clear();
+        self.agents.clear();
+    }
+}
+
+/// The `seq` of `id` in `table` (`run_keys` or `agent_keys`), inserting it when missing.
+fn key(
+    conn: &Connection,
+    cache: &mut HashMap<String, i64>,
+    table: &str,
+    column: &str,
+    id: &str,
+) -> rusqlite::Result<i64> {
+    if let Some(&seq) = cache.get(id) {
+        return Ok(seq);
+    }
+    let found: Option<i64> = conn
+        .prepare_cached(&format!("SELECT seq FROM {table} WHERE {column} = ?1"))?
+        .query_row(params![id], |row| row.get(0))
+        .optional()?;
+    let seq = match found {
+        Some(seq) => seq,
+        None => {
+            conn.prepare_cached(&format!("INSERT INTO {table} ({column}) VALUES (?1)"))?
+                .execute(params![id])?;
+            conn.last_insert_rowid()
+        }
+    };
+    if cache.len() >= MAX_REMEMBERED {
+        cache.clear();
+    }
+    cache.insert(id.to_owned(), seq);
+    Ok(seq)
+}
+
+/// The file to store for a collected test: none when it is the node id's part before the first
+/// `::`, which the `run_tests` view computes back.
+pub(super) fn file_to_store<'a>(nodeid: &str, file: &'a str) -> Option<&'a str> {
+    let derived = nodeid.find("::").map(|end| &nodeid[..end]);
+    (derived != Some(file)).then_some(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_is_left_out_only_when_the_view_can_compute_it() {
+        assert_eq!(file_to_store("a/t.py::test_x", "a/t.py"), None);
+        assert_eq!(file_to_store("a/t.py::C::test_x[1]", "a/t.py"), None);
+        assert_eq!(file_to_store("a/t.py::test_x", "b/t.py"), Some("b/t.py"));
+        assert_eq!(file_to_store("a/t.py", "a/t.py"), Some("a/t.py"));
+        assert_eq!(file_to_store("", ""), Some(""));
+    }
+}
