@@ -383,6 +383,15 @@ pub(super) fn connect(path: &Path, busy_timeout: Duration) -> Result<Connection,
     }
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sqlite("setting synchronous=NORMAL"))?;
+    // Checkpoint the WAL into the database every 10,000 pages (about 40 MB) instead of
+    // SQLite's 1,000: each checkpoint syncs both files, and a million-test run wrote ~90 of
+    // them at the default, the writer waiting on the disk for each; fewer, larger ones also
+    // copy fewer pages twice (1.5M report-shaped rows: 30% less wall time on an ordinary
+    // disk). A WAL file that grew larger is cut back to 64 MB after a checkpoint.
+    conn.pragma_update(None, "wal_autocheckpoint", 10_000)
+        .map_err(sqlite("setting wal_autocheckpoint"))?;
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+        .map_err(sqlite("setting journal_size_limit"))?;
     // The writer prepares about a dozen statements; keep all of them cached.
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
