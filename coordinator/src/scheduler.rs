@@ -200,6 +200,10 @@ pub struct Scheduler {
     lost_on: HashMap<u32, Vec<WorkerKey>>,
     /// Tests that came in a unit of several: never taken back (see `is_grouped`).
     grouped: Vec<bool>,
+    /// The longest history estimate of any test in the run: with the cost of a test without
+    /// history, a bound on what any one held test can cost, so a take-back search can pass
+    /// over a worker without looking at its tests.
+    max_known_cost: f64,
 }
 
 impl Scheduler {
@@ -249,7 +253,15 @@ impl Scheduler {
             avoid: HashMap::new(),
             lost_on: HashMap::new(),
             grouped: vec![false; count],
+            max_known_cost: 0.0,
         };
+        scheduler.max_known_cost = scheduler
+            .estimate
+            .iter()
+            .zip(&scheduler.known)
+            .filter(|(_, known)| **known)
+            .map(|(estimate, _)| *estimate)
+            .fold(0.0, f64::max);
         for unit in scheduler.queue.iter().filter(|u| u.tests.len() > 1) {
             for test in &unit.tests {
                 if let Some(g) = scheduler.grouped.get_mut(*test as usize) {
@@ -881,10 +893,20 @@ impl Scheduler {
 
     fn take_back(&mut self, idle: WorkerKey, actions: &mut Vec<Action>) -> Option<WorkerKey> {
         let mut best: Option<(WorkerKey, f64)> = None;
+        // Idle workers ask one after another as a run ends, each while thousands of workers
+        // still hold a few tests: a worker whose held tests could not be worth a take-back (or
+        // more than the best found so far) even at the highest cost a test may have is passed
+        // over without looking up each of its leases.
+        let most_per_test = self.max_known_cost.max(self.unknown_cost());
         for (key, state) in &self.workers {
             // A worker that is not running anything starts its held test at once: taking it
             // would only move the wait.
             if *key == idle || state.gone || state.started.is_empty() {
+                continue;
+            }
+            let speed = self.agent_speed(key.agent);
+            let ceiling = state.held.len() as f64 * most_per_test / speed;
+            if ceiling < 2.0 * MIN_TAKE_BACK_SECONDS || best.is_some_and(|(_, w)| ceiling <= w) {
                 continue;
             }
             let work: f64 = state
@@ -892,7 +914,7 @@ impl Scheduler {
                 .filter(|l| !self.revoking.contains(l))
                 .filter_map(|l| self.leases.get(&l))
                 .filter(|info| !self.is_grouped(info.test))
-                .map(|info| self.cost(info.test) / self.agent_speed(key.agent))
+                .map(|info| self.cost(info.test) / speed)
                 .sum();
             if best.is_none_or(|(_, w)| work > w) {
                 best = Some((*key, work));
