@@ -434,6 +434,16 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreErr
             version: target,
             source,
         };
+        if found > 0 {
+            // Migrating a file with runs in it copies rows (version 6 rewrote the per-test
+            // tables: about 30 s for a million recorded tests); say so before going quiet.
+            tracing::info!(
+                path = %path.display(),
+                from = found,
+                to = target,
+                "migrating the store's schema; a big file takes a while"
+            );
+        }
         tx.execute_batch(script).map_err(migrate_err)?;
         tx.pragma_update(None, "user_version", target)
             .map_err(migrate_err)?;
