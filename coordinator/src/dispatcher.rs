@@ -89,8 +89,10 @@ pub enum Input {
 }
 
 /// Agent messages (and the end of an agent's stream) the dispatcher has not taken yet. Past
-/// this, the agents' stream readers wait, and gRPC flow control slows the agents down.
-const AGENT_INPUT_BACKLOG: usize = 64;
+/// this, the agents' stream reader waits, and gRPC flow control slows the agents down. A
+/// decoded message of 2,048 worker events takes a few hundred kilobytes, several times its
+/// size on the wire: the rest waits undecoded in the connections' windows.
+const AGENT_INPUT_BACKLOG: usize = 16;
 
 /// A cheap handle for sending inputs to the dispatcher task.
 #[derive(Clone)]
@@ -106,12 +108,13 @@ impl DispatcherHandle {
         self.tx.send(input).is_ok()
     }
 
-    /// Sends what an agent's stream carried ([`Input::AgentMessage`], [`Input::AgentGone`]),
-    /// waiting while the dispatcher is behind: agent traffic is what can outrun the
-    /// coordinator, so it is the part that waits. One channel keeps each agent's messages and
-    /// its departure in order. Returns false when the dispatcher has stopped.
-    pub async fn send_from_agent(&self, input: Input) -> bool {
-        self.agents.send(input).await.is_ok()
+    /// Waits for room for one input from an agent ([`Input::AgentMessage`],
+    /// [`Input::AgentGone`]): agent traffic is what can outrun the coordinator, so it is the
+    /// part that waits. Taking the room before reading the next message means none is decoded
+    /// only to wait. One channel keeps each agent's messages and its departure in order.
+    /// `None` when the dispatcher has stopped.
+    pub async fn agent_room(&self) -> Option<mpsc::Permit<'_, Input>> {
+        self.agents.reserve().await.ok()
     }
 }
 

@@ -5,8 +5,13 @@
 //! dispatcher sees a message (the token on every call, through [`crate::auth`]'s interceptor;
 //! the protocol version on every first message) and notices when a stream ends, which is how
 //! an agent's or a client's departure becomes known.
+//!
+//! All agent streams are read by one task, and only when the dispatcher has room for what it
+//! reads: a message waiting for the dispatcher waits undecoded, in its connection's HTTP/2
+//! window, where it takes a fraction of the memory it does decoded.
 
 use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use fly_common::proto::agents_server::{Agents, AgentsServer};
@@ -16,6 +21,7 @@ use fly_common::proto::{
     CoordinatorMessage, FollowRequest, Reject, RunEvent, SubmitRequest,
 };
 use fly_common::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use futures_util::stream::SelectAll;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -25,6 +31,7 @@ use tracing::{info, warn};
 
 use crate::auth::TokenCheck;
 use crate::dispatcher::{DispatcherHandle, Input};
+use crate::scheduler::AgentSlot;
 use crate::units::Dist;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -35,11 +42,17 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct Service {
     dispatcher: DispatcherHandle,
+    /// Agent streams past their hello, for the reader task ([`read_agents`]).
+    joined: mpsc::UnboundedSender<AgentStream>,
 }
 
 impl Service {
+    /// The service, and the task that reads every agent's stream (it ends once the service and
+    /// its clones are gone and every agent stream has ended, or when the dispatcher stops).
     pub fn new(dispatcher: DispatcherHandle) -> Service {
-        Service { dispatcher }
+        let (joined, streams) = mpsc::unbounded_channel();
+        tokio::spawn(read_agents(dispatcher.clone(), streams));
+        Service { dispatcher, joined }
     }
 
     /// The Agents service; `check` refuses every call without the farm's token before the
@@ -128,25 +141,69 @@ impl Agents for Service {
             return Err(Self::unavailable());
         }
         let slot = reply_rx.await.map_err(|_| Self::unavailable())?;
-        let dispatcher = self.dispatcher.clone();
-        tokio::spawn(async move {
-            let reason = loop {
-                match inbound.next().await {
-                    Some(Ok(message)) => {
-                        let input = Input::AgentMessage { slot, message };
-                        if !dispatcher.send_from_agent(input).await {
-                            return;
-                        }
-                    }
-                    Some(Err(status)) => break format!("stream error: {}", status.message()),
-                    None => break "disconnected".to_string(),
-                }
-            };
-            dispatcher
-                .send_from_agent(Input::AgentGone { slot, reason })
-                .await;
-        });
+        let stream = AgentStream {
+            slot,
+            inbound: Some(inbound),
+        };
+        if self.joined.send(stream).is_err() {
+            return Err(Self::unavailable());
+        }
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}
+
+/// One agent's stream after its hello, as dispatcher inputs: its messages, then one
+/// [`Input::AgentGone`] when it ends or fails.
+struct AgentStream {
+    slot: AgentSlot,
+    /// `None` once the departure was yielded.
+    inbound: Option<Streaming<AgentMessage>>,
+}
+
+impl Stream for AgentStream {
+    type Item = Input;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Input>> {
+        let slot = self.slot;
+        let Some(inbound) = self.inbound.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let reason = match ready!(Pin::new(inbound).poll_next(cx)) {
+            Some(Ok(message)) => return Poll::Ready(Some(Input::AgentMessage { slot, message })),
+            Some(Err(status)) => format!("stream error: {}", status.message()),
+            None => "disconnected".to_string(),
+        };
+        self.inbound = None;
+        Poll::Ready(Some(Input::AgentGone { slot, reason }))
+    }
+}
+
+/// Reads every agent's stream and hands what they carry to the dispatcher, each input read
+/// only once the dispatcher has room for it. One reader for all agents, rather than one each
+/// holding a decoded message while it waits, bounds the decoded messages in memory by the
+/// dispatcher's backlog whatever the number of agents; and since it holds that room while
+/// waiting for whichever stream speaks first, no quiet agent keeps the others from being read.
+async fn read_agents(
+    dispatcher: DispatcherHandle,
+    mut joined: mpsc::UnboundedReceiver<AgentStream>,
+) {
+    let mut streams: SelectAll<AgentStream> = SelectAll::new();
+    let mut joining = true;
+    loop {
+        let Some(room) = dispatcher.agent_room().await else {
+            return;
+        };
+        let input = loop {
+            tokio::select! {
+                stream = joined.recv(), if joining => match stream {
+                    Some(stream) => streams.push(stream),
+                    None => joining = false,
+                },
+                Some(input) = streams.next(), if !streams.is_empty() => break input,
+                else => return,
+            }
+        };
+        room.send(input);
     }
 }
 
