@@ -15,8 +15,10 @@ use tokio::process::{Child, Command};
 const LISTENING: &str = "fly-coordinator listening on ";
 /// How long the coordinator may take to open its database and listen.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a graceful stop may take before the process is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a graceful stop may take before the process is killed. The store finishes what is
+/// queued first, and the last thing queued is the run's duration history: a million new rows,
+/// which on a loaded 2-core machine took more than 20 s.
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct Coordinator {
     child: Child,
