@@ -21,8 +21,8 @@ const MAX_COLLECTIONS: usize = 64;
 /// The writer's caches.
 #[derive(Default)]
 pub(super) struct Keys {
-    runs: HashMap<String, i64>,
-    agents: HashMap<String, i64>,
+    runs: Remembered,
+    agents: Remembered,
     collections: HashMap<i64, Arc<Vec<CollectedTest>>>,
 }
 
@@ -68,13 +68,46 @@ impl Keys {
 
     /// The batch these keys were created in was rolled back: look them up afresh.
     pub(super) fn forget(&mut self) {
-        self.runs.clear();
-        self.agents.clear();
+        self.runs = Remembered::default();
+        self.agents = Remembered::default();
     }
+}
+
+/// Ids and their keys, and the last one asked for: a batch's reports come in runs from one
+/// agent of one run, and comparing with the last id is cheaper than hashing it.
+#[derive(Default)]
+struct Remembered {
+    last: Option<(String, i64)>,
+    all: HashMap<String, i64>,
 }
 
 /// The `seq` of `id` in `table` (`run_keys` or `agent_keys`), inserting it when missing.
 fn key(
+    conn: &Connection,
+    cache: &mut Remembered,
+    table: &str,
+    column: &str,
+    id: &str,
+) -> rusqlite::Result<i64> {
+    if let Some((last, seq)) = &cache.last {
+        if last == id {
+            return Ok(*seq);
+        }
+    }
+    let seq = known_or_new(conn, &mut cache.all, table, column, id)?;
+    match &mut cache.last {
+        Some((last, last_seq)) => {
+            last.clear();
+            last.push_str(id);
+            *last_seq = seq;
+        }
+        None => cache.last = Some((id.to_owned(), seq)),
+    }
+    Ok(seq)
+}
+
+/// The key of `id` from the map, else from the table, created there when missing.
+fn known_or_new(
     conn: &Connection,
     cache: &mut HashMap<String, i64>,
     table: &str,
