@@ -29,7 +29,9 @@ use crate::observe::{Observation, Watch};
 use crate::scheduler::{Action, AgentSlot, Event, LeaseStatus, Scheduler, WorkerKey};
 use crate::store::{History, Store, Write};
 use crate::units::{self, Dist};
+use collection::Collection;
 
+mod collection;
 mod reruns;
 mod resume;
 mod snapshot;
@@ -93,6 +95,10 @@ pub enum Input {
 /// decoded message of 2,048 worker events takes a few hundred kilobytes, several times its
 /// size on the wire: the rest waits undecoded in the connections' windows.
 const AGENT_INPUT_BACKLOG: usize = 16;
+
+/// The most tests room is made for before a collection's chunks arrive, whatever an agent
+/// announces; a larger collection grows as it comes.
+const MAX_RESERVED_TESTS: usize = 10_000_000;
 
 /// A cheap handle for sending inputs to the dispatcher task.
 #[derive(Clone)]
@@ -223,7 +229,8 @@ struct RunState {
     held_digests: Vec<(AgentSlot, PartialCollection)>,
     started: Instant,
     phase: RunPhase,
-    collection: Option<Arc<Vec<CollectedTest>>>,
+    /// Shared (an `Arc`) so that a handler can read it while it changes the rest of the run.
+    collection: Option<Arc<Collection>>,
     digest: String,
     deselected: u32,
     partial: HashMap<AgentSlot, PartialCollection>,
@@ -283,9 +290,9 @@ impl RunState {
                 tests.sort_unstable();
                 tests
                     .iter()
-                    .filter_map(|t| self.collection.as_ref()?.get(*t as usize))
+                    .filter_map(|t| self.collection.as_ref()?.nodeid(*t as usize))
                     .take(SHOWN)
-                    .map(|test| test.nodeid.clone())
+                    .map(str::to_string)
                     .collect()
             },
             // The scheduler keeps no estimate of the leased work still running, so the
@@ -649,6 +656,14 @@ impl Dispatcher {
             return;
         }
         let partial = run.partial.entry(slot).or_default();
+        if partial.tests.is_empty() && !chunk.tests.is_empty() {
+            // The list is kept for the whole run: allocated once at its announced size rather
+            // than grown by doubling, which copies it on the way and leaves up to half of it
+            // unused (100 MB at a million tests). A list that does not match its announced
+            // size is refused below anyway.
+            let announced = (chunk.total as usize).min(MAX_RESERVED_TESTS);
+            partial.tests.reserve_exact(announced);
+        }
         partial.has_list |= !chunk.tests.is_empty();
         partial.tests.extend(chunk.tests);
         partial.digest = chunk.digest;
@@ -760,7 +775,7 @@ impl Dispatcher {
         run.digest = partial.digest;
         run.deselected = partial.deselected;
         run.counts.add("deselected", partial.deselected);
-        run.collection = Some(tests.clone());
+        run.collection = Some(Arc::new(Collection::Full(tests.clone())));
         run.phase = RunPhase::Running;
         run.members.insert(slot, Membership::Accepted);
         self.store.write(Write::RunCollected {
@@ -836,7 +851,8 @@ impl Dispatcher {
         if run.scheduler.is_some() || run.phase != RunPhase::Running {
             return;
         }
-        let (Some(tests), Some(history)) = (run.collection.clone(), run.history.clone()) else {
+        let tests = run.collection.as_ref().and_then(|c| c.full()).cloned();
+        let (Some(tests), Some(history)) = (tests, run.history.clone()) else {
             return;
         };
         let estimates = units::estimate(&tests, &history, 0.0);
@@ -975,6 +991,12 @@ impl Dispatcher {
                 return;
             }
         }
+        if run.scheduler.is_some() {
+            // The units are built: once the store has written the list, node ids will do.
+            if let Some(collection) = run.collection.as_mut().and_then(Arc::get_mut) {
+                collection.compact();
+            }
+        }
         let Some(collection) = run.collection.clone() else {
             return;
         };
@@ -1046,8 +1068,8 @@ impl Dispatcher {
                         continue;
                     };
                     let nodeid = collection
-                        .get(test as usize)
-                        .map(|t| t.nodeid.clone())
+                        .nodeid(test as usize)
+                        .map(str::to_string)
                         .unwrap_or_default();
                     self.store.write(Write::Report {
                         run_id: run_id.clone(),
@@ -1183,11 +1205,11 @@ impl Dispatcher {
         };
         let attempt = run.phases.remove(&lease).unwrap_or_default();
         let phases = &attempt.reports;
-        let Some(info) = run
+        let Some(nodeid) = run
             .collection
             .as_ref()
-            .and_then(|c| c.get(test as usize))
-            .cloned()
+            .and_then(|c| c.nodeid(test as usize))
+            .map(str::to_string)
         else {
             return;
         };
@@ -1221,7 +1243,7 @@ impl Dispatcher {
                 .any(|r| r.category == "error" || r.category == "failed");
         let result = TestResult {
             test_index: test,
-            nodeid: info.nodeid.clone(),
+            nodeid: nodeid.clone(),
             outcome: outcome.clone(),
             duration,
             agent_id: attempt.agent_id.clone(),
@@ -1254,7 +1276,7 @@ impl Dispatcher {
         self.store.write(Write::TestResult {
             run_id: run_id.to_string(),
             test_index: test,
-            nodeid: info.nodeid,
+            nodeid,
             outcome,
             duration,
             attempts,
@@ -1510,11 +1532,10 @@ impl Dispatcher {
 }
 
 /// Names a few of the tests that differ between the run's collection and an agent's.
-fn describe_difference(ours: &[CollectedTest], theirs: &HashSet<&str>, their_total: u32) -> String {
-    let our_ids: HashSet<&str> = ours.iter().map(|t| t.nodeid.as_str()).collect();
+fn describe_difference(ours: &Collection, theirs: &HashSet<&str>, their_total: u32) -> String {
+    let our_ids: HashSet<&str> = ours.nodeids().collect();
     let missing: Vec<&str> = ours
-        .iter()
-        .map(|t| t.nodeid.as_str())
+        .nodeids()
         .filter(|id| !theirs.contains(id))
         .take(5)
         .collect();

@@ -110,11 +110,23 @@ pub enum LeaseStatus {
     Unknown,
 }
 
+/// Where a test stands: queued, leased (the lease's number), or done. One word per test (an
+/// enum would take two): lease numbers start at 1 and never reach `u64::MAX`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TestState {
-    Queued,
-    Leased(u64),
-    Done,
+struct TestState(u64);
+
+impl TestState {
+    const QUEUED: TestState = TestState(0);
+    const DONE: TestState = TestState(u64::MAX);
+
+    fn leased(lease: u64) -> TestState {
+        TestState(lease)
+    }
+
+    /// The test's current lease, if it is leased.
+    fn lease(self) -> Option<u64> {
+        (self != TestState::QUEUED && self != TestState::DONE).then_some(self.0)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -143,6 +155,32 @@ struct LeaseInfo {
     worker: WorkerKey,
 }
 
+/// A queued unit's tests. Nearly every unit is a single test, which is kept inline: a queue
+/// of a million tests then takes 16 MB and no allocation per test.
+#[derive(Debug, Clone, PartialEq)]
+enum Queued {
+    One(u32),
+    Many(Box<[u32]>),
+}
+
+impl Queued {
+    fn tests(&self) -> &[u32] {
+        match self {
+            Queued::One(test) => std::slice::from_ref(test),
+            Queued::Many(tests) => tests,
+        }
+    }
+}
+
+impl From<Unit> for Queued {
+    fn from(unit: Unit) -> Queued {
+        match unit.tests[..] {
+            [test] => Queued::One(test),
+            _ => Queued::Many(unit.tests.into_boxed_slice()),
+        }
+    }
+}
+
 /// The most tests handed to one worker at once.
 const MAX_BATCH: usize = 128;
 /// A batch is worth at least this much work (reference seconds), so tiny tests travel many at a
@@ -167,13 +205,15 @@ pub struct Scheduler {
     estimate: Vec<f64>,
     known: Vec<bool>,
     /// Units waiting, longest first.
-    queue: VecDeque<Unit>,
+    queue: VecDeque<Queued>,
     workers: HashMap<WorkerKey, WorkerState>,
     speeds: HashMap<AgentSlot, f64>,
     /// Each agent's speed as it announced it (its calibration).
     calibrated: HashMap<AgentSlot, f64>,
-    /// Every lease ever handed out, current or not, so late reports can be classified.
-    leases: HashMap<u64, LeaseInfo>,
+    /// Every lease ever handed out, current or not, so late reports can be classified. Lease
+    /// numbers count up from 1, so lease `n` is at index `n - 1`: a million leases take 12 MB
+    /// here, where a map took over 50.
+    leases: Vec<LeaseInfo>,
     /// Leases asked back and not yet answered.
     revoking: HashSet<u64>,
     /// Idle workers waiting for work being taken back from another worker (the key). They are
@@ -230,16 +270,20 @@ impl Scheduler {
     pub fn new(mut units: Vec<Unit>, estimates: Estimates) -> Scheduler {
         let count = estimates.per_test.len();
         units.sort_by(|a, b| b.cost.total_cmp(&a.cost));
+        // Not `collect()`: that would reuse the units' buffer, twice the size the queue needs.
+        let mut queue = VecDeque::with_capacity(units.len());
+        queue.extend(units.into_iter().map(Queued::from));
         let mut scheduler = Scheduler {
-            tests: vec![TestState::Queued; count],
+            tests: vec![TestState::QUEUED; count],
             attempts: vec![0; count],
             estimate: estimates.per_test,
             known: estimates.known,
-            queue: units.into(),
+            queue,
             workers: HashMap::new(),
             speeds: HashMap::new(),
             calibrated: HashMap::new(),
-            leases: HashMap::new(),
+            // One lease per test, unless tests run again.
+            leases: Vec::with_capacity(count),
             revoking: HashSet::new(),
             awaiting: HashMap::new(),
             next_lease: 1,
@@ -262,15 +306,15 @@ impl Scheduler {
             .filter(|(_, known)| **known)
             .map(|(estimate, _)| *estimate)
             .fold(0.0, f64::max);
-        for unit in scheduler.queue.iter().filter(|u| u.tests.len() > 1) {
-            for test in &unit.tests {
+        for unit in scheduler.queue.iter().filter(|u| u.tests().len() > 1) {
+            for test in unit.tests() {
                 if let Some(g) = scheduler.grouped.get_mut(*test as usize) {
                     *g = true;
                 }
             }
         }
         for unit in &scheduler.queue {
-            let (known, unknown) = scheduler.unit_parts(unit);
+            let (known, unknown) = scheduler.unit_parts(unit.tests());
             scheduler.queued_known += known;
             scheduler.queued_unknown += unknown;
         }
@@ -283,8 +327,12 @@ impl Scheduler {
     pub fn skip(&mut self, tests: &[u32]) {
         let mut skipped = HashSet::new();
         for &test in tests {
-            if let Some(state @ TestState::Queued) = self.tests.get_mut(test as usize) {
-                *state = TestState::Done;
+            if let Some(state) = self
+                .tests
+                .get_mut(test as usize)
+                .filter(|s| **s == TestState::QUEUED)
+            {
+                *state = TestState::DONE;
                 skipped.insert(test);
             }
         }
@@ -292,28 +340,33 @@ impl Scheduler {
             return;
         }
         self.done += skipped.len();
-        let units: Vec<Unit> = std::mem::take(&mut self.queue)
+        let units: VecDeque<Queued> = std::mem::take(&mut self.queue)
             .into_iter()
-            .filter_map(|mut unit| {
-                unit.tests.retain(|t| !skipped.contains(t));
-                (!unit.tests.is_empty()).then_some(unit)
+            .filter_map(|unit| {
+                let tests: Vec<u32> = unit
+                    .tests()
+                    .iter()
+                    .copied()
+                    .filter(|t| !skipped.contains(t))
+                    .collect();
+                (!tests.is_empty()).then(|| Queued::from(Unit { tests, cost: 0.0 }))
             })
             .collect();
         self.queued_known = 0.0;
         self.queued_unknown = 0;
         for unit in &units {
-            let (known, unknown) = self.unit_parts(unit);
+            let (known, unknown) = self.unit_parts(unit.tests());
             self.queued_known += known;
             self.queued_unknown += unknown;
         }
-        self.queue = units.into();
+        self.queue = units;
     }
 
     /// A unit's known cost and its number of tests without history.
-    fn unit_parts(&self, unit: &Unit) -> (f64, usize) {
+    fn unit_parts(&self, tests: &[u32]) -> (f64, usize) {
         let mut known = 0.0;
         let mut unknown = 0;
-        for test in &unit.tests {
+        for test in tests {
             let i = *test as usize;
             if self.known.get(i).copied().unwrap_or(false) {
                 known += self.estimate[i];
@@ -324,18 +377,18 @@ impl Scheduler {
         (known, unknown)
     }
 
-    fn push_front(&mut self, unit: Unit) {
-        let (known, unknown) = self.unit_parts(&unit);
+    fn push_front(&mut self, unit: Queued) {
+        let (known, unknown) = self.unit_parts(unit.tests());
         self.queued_known += known;
         self.queued_unknown += unknown;
         self.queue.push_front(unit);
     }
 
     /// Takes the next unit for `key` off the queue (see [`Scheduler::next_unit`]).
-    fn pop(&mut self, key: WorkerKey, from_back: bool) -> Option<Unit> {
+    fn pop(&mut self, key: WorkerKey, from_back: bool) -> Option<Queued> {
         let index = self.next_unit(key, from_back)?;
         let unit = self.queue.remove(index)?;
-        let (known, unknown) = self.unit_parts(&unit);
+        let (known, unknown) = self.unit_parts(unit.tests());
         self.queued_known = (self.queued_known - known).max(0.0);
         self.queued_unknown = self.queued_unknown.saturating_sub(unknown);
         Some(unit)
@@ -404,10 +457,10 @@ impl Scheduler {
     }
 
     pub fn lease_status(&self, lease: u64) -> LeaseStatus {
-        match self.leases.get(&lease) {
+        match self.lease(lease) {
             None => LeaseStatus::Unknown,
             Some(info) => match self.tests.get(info.test as usize) {
-                Some(TestState::Leased(current)) if *current == lease => LeaseStatus::Current {
+                Some(state) if state.lease() == Some(lease) => LeaseStatus::Current {
                     test: info.test,
                     worker: info.worker,
                 },
@@ -438,7 +491,7 @@ impl Scheduler {
             .workers
             .values()
             .flat_map(|w| w.held.iter())
-            .filter_map(|lease| self.leases.get(lease))
+            .filter_map(|lease| self.lease(*lease))
             .map(|info| self.cost(info.test))
             .sum();
         self.remaining() + held
@@ -471,8 +524,14 @@ impl Scheduler {
         }
     }
 
-    fn unit_cost(&self, unit: &Unit) -> f64 {
-        unit.tests.iter().map(|t| self.cost(*t)).sum()
+    fn unit_cost(&self, unit: &Queued) -> f64 {
+        unit.tests().iter().map(|t| self.cost(*t)).sum()
+    }
+
+    /// What is known of a lease handed out in this run.
+    fn lease(&self, lease: u64) -> Option<&LeaseInfo> {
+        let index = usize::try_from(lease.checked_sub(1)?).ok()?;
+        self.leases.get(index)
     }
 
     pub fn handle(&mut self, event: Event, _now: Instant) -> Vec<Action> {
@@ -510,7 +569,7 @@ impl Scheduler {
                     .revoking
                     .iter()
                     .copied()
-                    .filter(|l| self.leases.get(l).is_some_and(|i| i.worker == worker))
+                    .filter(|l| self.lease(*l).is_some_and(|i| i.worker == worker))
                     .collect();
                 for lease in asked {
                     self.revoking.remove(&lease);
@@ -539,7 +598,7 @@ impl Scheduler {
                 // workers in the report are not this worker's to give back.
                 let unstarted: BTreeSet<u64> = unstarted
                     .into_iter()
-                    .filter(|l| self.leases.get(l).is_some_and(|i| i.worker == worker))
+                    .filter(|l| self.lease(*l).is_some_and(|i| i.worker == worker))
                     .collect();
                 let mut back: Vec<u64> = unstarted.iter().copied().collect();
                 back.extend(held.into_iter().filter(|l| !unstarted.contains(l)));
@@ -602,7 +661,7 @@ impl Scheduler {
     fn finished(&mut self, lease: u64, seconds: f64, failed: bool, actions: &mut Vec<Action>) {
         let status = self.lease_status(lease);
         self.revoking.remove(&lease);
-        let Some(info) = self.leases.get(&lease).copied() else {
+        let Some(info) = self.lease(lease).copied() else {
             return;
         };
         if let Some(state) = self.workers.get_mut(&info.worker) {
@@ -644,17 +703,13 @@ impl Scheduler {
             // failure that follows the worker is then told apart from one that follows the test.
             self.failures[i] += 1;
             self.avoid.entry(test).or_default().push(info.worker);
-            self.tests[i] = TestState::Queued;
-            let cost = self.cost(test);
-            self.push_front(Unit {
-                tests: vec![test],
-                cost,
-            });
+            self.tests[i] = TestState::QUEUED;
+            self.push_front(Queued::One(test));
             actions.push(Action::Rerun { test, lease });
             self.wake_parked(actions);
             return;
         }
-        self.tests[i] = TestState::Done;
+        self.tests[i] = TestState::DONE;
         self.done += 1;
         self.avoid.remove(&test);
         actions.push(Action::TestDone { test, lease });
@@ -678,7 +733,7 @@ impl Scheduler {
         if lost_on.len() as u32 > MAX_LOST_ATTEMPTS {
             let lost_on = lost_on.clone();
             self.revoking.remove(&lease);
-            self.tests[i] = TestState::Done;
+            self.tests[i] = TestState::DONE;
             self.done += 1;
             self.avoid.remove(&test);
             actions.push(Action::TestAbandoned {
@@ -713,7 +768,7 @@ impl Scheduler {
                 _ => Some(0),
             };
         }
-        let fits = |i: &usize| !self.queue[*i].tests.iter().any(|t| self.avoids(*t, key));
+        let fits = |i: &usize| !self.queue[*i].tests().iter().any(|t| self.avoids(*t, key));
         if from_back {
             (0..len).rev().find(fits)
         } else {
@@ -751,7 +806,7 @@ impl Scheduler {
         for lease in leases {
             self.revoking.remove(&lease);
             if let LeaseStatus::Current { test, .. } = self.lease_status(lease) {
-                self.tests[test as usize] = TestState::Queued;
+                self.tests[test as usize] = TestState::QUEUED;
                 tests.push(test);
             }
         }
@@ -761,11 +816,7 @@ impl Scheduler {
             return;
         }
         for test in tests.into_iter().rev() {
-            let cost = self.cost(test);
-            self.push_front(Unit {
-                tests: vec![test],
-                cost,
-            });
+            self.push_front(Queued::One(test));
         }
         let mut parked: Vec<WorkerKey> = self
             .workers
@@ -832,12 +883,13 @@ impl Scheduler {
                 break;
             };
             batch_cost += self.unit_cost(&unit);
-            for test in unit.tests {
+            for &test in unit.tests() {
                 let lease = self.next_lease;
                 self.next_lease += 1;
-                self.tests[test as usize] = TestState::Leased(lease);
+                self.tests[test as usize] = TestState::leased(lease);
                 self.attempts[test as usize] += 1;
-                self.leases.insert(lease, LeaseInfo { test, worker: key });
+                debug_assert_eq!(self.leases.len() as u64 + 1, lease);
+                self.leases.push(LeaseInfo { test, worker: key });
                 leases.push(Lease { lease, test });
             }
         }
@@ -912,7 +964,7 @@ impl Scheduler {
             let work: f64 = state
                 .unstarted()
                 .filter(|l| !self.revoking.contains(l))
-                .filter_map(|l| self.leases.get(&l))
+                .filter_map(|l| self.lease(l))
                 .filter(|info| !self.is_grouped(info.test))
                 .map(|info| self.cost(info.test) / speed)
                 .sum();
@@ -936,7 +988,7 @@ impl Scheduler {
             if taken_work >= work / 2.0 {
                 break;
             }
-            let Some(info) = self.leases.get(&lease) else {
+            let Some(info) = self.lease(lease) else {
                 continue;
             };
             if self.is_grouped(info.test) {

@@ -71,8 +71,7 @@ impl Dispatcher {
         let nodeid = run
             .collection
             .as_ref()
-            .and_then(|c| c.get(test as usize))
-            .map(|t| t.nodeid.as_str())
+            .and_then(|c| c.nodeid(test as usize))
             .unwrap_or_default();
         info!(run = %run_id, test = %nodeid, lease, "failed; running it again");
     }
@@ -117,11 +116,11 @@ impl Dispatcher {
             return;
         };
         run.phases.remove(&lease);
-        let Some(info) = run
+        let Some(nodeid) = run
             .collection
             .as_ref()
-            .and_then(|c| c.get(test as usize))
-            .cloned()
+            .and_then(|c| c.nodeid(test as usize))
+            .map(str::to_string)
         else {
             return;
         };
@@ -155,7 +154,7 @@ impl Dispatcher {
                 n + 1
             ));
         }
-        warn!(run = %run_id, test = %info.nodeid, %message, "test abandoned");
+        warn!(run = %run_id, test = %nodeid, %message, "test abandoned");
         run.counts.add("error", 1);
         let attempts = run
             .scheduler
@@ -166,7 +165,7 @@ impl Dispatcher {
         // test that never got to run, carries the explanation to the terminal and JUnit XML.
         let result = TestResult {
             test_index: test,
-            nodeid: info.nodeid.clone(),
+            nodeid: nodeid.clone(),
             outcome: "error".into(),
             duration: 0.0,
             agent_id: last_agent.clone(),
@@ -185,7 +184,7 @@ impl Dispatcher {
         self.store.write(Write::TestResult {
             run_id: run_id.to_string(),
             test_index: test,
-            nodeid: info.nodeid,
+            nodeid,
             outcome: "error".into(),
             duration: 0.0,
             attempts,

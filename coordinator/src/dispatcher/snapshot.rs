@@ -80,8 +80,8 @@ impl Dispatcher {
                                 .runs
                                 .get(&r.run)
                                 .and_then(|run| run.collection.as_ref())
-                                .and_then(|c| c.get(r.test as usize))
-                                .map(|t| t.nodeid.clone())
+                                .and_then(|c| c.nodeid(r.test as usize))
+                                .map(str::to_string)
                                 .unwrap_or_default(),
                             since: r.since,
                         }),

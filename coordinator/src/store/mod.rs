@@ -866,7 +866,7 @@ fn apply(conn: &Connection, keys: &mut keys::Keys, w: &Write) -> rusqlite::Resul
                 warn_if_missing(changed, w);
                 Ok(())
             })?;
-            keys.collected(run, tests.clone());
+            keys.collected(run, tests);
         }
         Write::RunFinished {
             run_id,
