@@ -1135,6 +1135,14 @@ def main():
     channel.send({"type": "exited", "exit_code": code})
     channel.flush()
     channel.close()
+    # The interpreter's last garbage collection, once atexit handlers have run, would walk
+    # every object left (the items, the reports of thousands of tests): the worst part of a
+    # large worker's exit, which the agent waits for. Objects alive at the exit are freed with
+    # their modules as usual; only cycles still unreclaimed then stay uncollected, as the
+    # collection frozen above already does (and Python does not promise their finalizers run
+    # at exit anyway).
+    if hasattr(gc, "freeze"):
+        gc.freeze()
     return code
 
 
