@@ -49,6 +49,10 @@ SMALL_TEXT = 256 * 1024
 COLLECT_CHUNK = 10000
 COLLECT_CHUNK_CHARS = 4 * 1024 * 1024
 HEADER = struct.Struct(">I")
+U64 = struct.Struct("<Q")
+# With a log of unsent frames, a frame waits at most about this long (seconds) before it is
+# sent: thousands of tiny tests a second cost a few writes, not one each.
+FLUSH_INTERVAL = 0.005
 # One encoder for every message: json.dumps with options builds a new encoder per call.
 ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
@@ -95,12 +99,70 @@ def _die(message, code=3):
     os._exit(code)
 
 
+class PendingLog:
+    """A copy of the frames a worker has written but not sent yet, in a file the agent reads.
+
+    The worker sends its frames in batches (one write per few milliseconds, not one per test),
+    yet the agent must learn everything a worker said before it died: which test it was
+    running, and the reports of tests it finished since the last write. So every frame also
+    goes into this shared memory map, which survives the process. Its header (little-endian
+    u64s) holds `base`, the number of bytes the connection had carried (after the hello) when
+    the frames in the map began; `length`, how many bytes of frames follow the header; and the
+    test running now as its lease + 1 (0: none) and index, for a connection whose byte count
+    means nothing any more (a test wrote into the socket itself). The agent, having read the
+    socket to its end, takes whatever part of the map it has not received
+    (agent/src/worker/supervisor.rs).
+    """
+
+    HEADER = struct.Struct("<QQQQ")
+    SIZE = 1024 * 1024
+
+    def __init__(self, path):
+        import mmap
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, self.HEADER.size + self.SIZE)
+            self.map = mmap.mmap(fd, self.HEADER.size + self.SIZE)
+        finally:
+            os.close(fd)
+        self.length = 0
+
+    def room(self, size):
+        return self.length + size <= self.SIZE
+
+    def append(self, frame):
+        start = self.HEADER.size + self.length
+        self.map[start:start + len(frame)] = frame
+        self.length += len(frame)
+        # The length is written after the bytes: a worker dying in between left nothing half.
+        U64.pack_into(self.map, 8, self.length)
+
+    def sent(self, total):
+        """Everything up to `total` bytes of the connection went out: the map starts afresh.
+        The length is cleared before the base moves, so the map never claims bytes twice."""
+        self.length = 0
+        U64.pack_into(self.map, 8, 0)
+        U64.pack_into(self.map, 0, total)
+
+    def running(self, lease, index):
+        # The index first: a reader that sees the lease sees its index.
+        U64.pack_into(self.map, 24, index)
+        U64.pack_into(self.map, 16, lease + 1)
+
+    def idle(self):
+        U64.pack_into(self.map, 16, 0)
+
+
 class Channel:
     """Length-prefixed JSON frames over the agent's socket.
 
-    Writes are buffered and go out on `flush`, which the worker calls when a test starts and
-    before it blocks, so a test costs one write system call, yet the agent always knows which
-    test is running if the process dies.
+    Writes are buffered and go out on `flush`. Without a `PendingLog` the worker flushes when
+    a test starts and before it blocks, so the agent always knows which test is running if the
+    process dies. With one (`batch`), every frame is also in the log the agent reads after a
+    worker's death, so the writes can be batched: the worker flushes when it asks for work,
+    before it blocks, and at most FLUSH_INTERVAL after a frame was buffered (a flusher thread
+    sees to that while a long test runs).
     """
 
     def __init__(self, path):
@@ -110,6 +172,43 @@ class Channel:
         self.lock = threading.Lock()
         self.buf = bytearray()
         self.pid = _pid()
+        self.log = None
+        self.total = 0  # bytes sent since the log was attached
+        self.closed = False
+        self.dirty = None  # set when the buffer fills from empty, for the flusher thread
+
+    def batch(self, path):
+        """Keeps a `PendingLog` at `path` and flushes at most every FLUSH_INTERVAL from a
+        thread of its own. Called right after the hello went out; False if it cannot be made
+        (the worker then flushes at every test as before)."""
+        try:
+            log = PendingLog(path)
+        except (OSError, ValueError) as exc:
+            sys.stderr.write("fly worker: cannot keep a log of unsent frames at %s: %s\n" % (path, exc))
+            return False
+        with self.lock:
+            self.flush_locked()
+            log.sent(0)
+            self.total = 0
+            self.log = log
+            self.dirty = threading.Event()
+        thread = threading.Thread(target=self._flush_loop, name="fly-worker-flush", daemon=True)
+        thread.start()
+        return True
+
+    def _flush_loop(self):
+        dirty = self.dirty
+        pid = self.pid
+        while True:
+            dirty.wait()
+            time.sleep(FLUSH_INTERVAL)
+            if _pid() != pid:
+                return
+            with self.lock:
+                dirty.clear()
+                if self.closed:
+                    return
+                self.flush_locked()
 
     @staticmethod
     def encode(obj):
@@ -118,24 +217,49 @@ class Channel:
         return ENCODER.encode(obj).encode("utf-8", "replace")
 
     def send(self, obj, data=None):
+        # A process forked by a test inherits this object; only the worker itself may speak
+        # (and write into the log the worker shares with the agent).
+        if _pid() != self.pid:
+            return
         if data is None:
             data = self.encode(obj)
+        frame = HEADER.pack(len(data)) + data
         with self.lock:
-            self.buf += HEADER.pack(len(data))
-            self.buf += data
+            if self.closed:
+                return
+            log = self.log
+            if log is None:
+                self.buf += frame
+                return
+            if not log.room(len(frame)):
+                self.flush_locked()
+            if log.room(len(frame)):
+                if not self.buf:
+                    self.dirty.set()
+                self.buf += frame
+                log.append(frame)
+            else:
+                # Larger than the whole log: it goes out at once, as without a log.
+                self.buf += frame
+                self.flush_locked()
 
     def flush(self):
-        # A process forked by a test inherits this object; only the worker itself may speak.
         if _pid() != self.pid:
             return
         with self.lock:
-            if not self.buf:
-                return
-            try:
-                self.sock.sendall(self.buf)
-            except OSError as exc:
-                _die("lost the connection to the agent: %s" % exc, 1)
-            del self.buf[:]
+            self.flush_locked()
+
+    def flush_locked(self):
+        if not self.buf or self.closed:
+            return
+        try:
+            self.sock.sendall(self.buf)
+        except OSError as exc:
+            _die("lost the connection to the agent: %s" % exc, 1)
+        self.total += len(self.buf)
+        del self.buf[:]
+        if self.log is not None:
+            self.log.sent(self.total)
 
     def recv(self):
         """The next message from the agent, or None when the agent closed the socket."""
@@ -177,6 +301,9 @@ class Channel:
         return json.loads(data.decode("utf-8"))
 
     def close(self):
+        if _pid() == self.pid:
+            with self.lock:
+                self.closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -278,6 +405,51 @@ def _group(item):
         name = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
         names.add(str(name))
     return "_".join(sorted(names))
+
+
+def _quick_snap(capture):
+    """pytest's `FDCapture.snap` for `capture`, answering "" at once when nothing was written.
+
+    `snap` seeks to the start of the capture file, reads it, seeks back and truncates it: four
+    system calls and several layers of io per stream and phase, for tests that print nothing.
+    After a snap the file is empty and positioned at 0, and output through the descriptor or
+    `sys.stdout` lands in the file at once (pytest writes through), so a file whose end is at 0
+    holds nothing: the snap would return "" and leave the file exactly as it is.
+    """
+    snap = capture.snap
+    fd = capture.tmpfile.fileno()
+    lseek = os.lseek
+    end = os.SEEK_END
+
+    def quick_snap():
+        if capture._state == "suspended" and lseek(fd, 0, end) == 0:
+            return ""
+        return snap()
+
+    return quick_snap
+
+
+def _quicken_capture(config):
+    """Gives the global capture's stdout and stderr `_quick_snap`. Only pytest's own fd
+    capture is touched; capsys/capfd and any other kind keep their own snap."""
+    try:
+        from _pytest.capture import FDCapture
+    except ImportError:
+        return
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    multi = getattr(capman, "_global_capturing", None)
+    for name in ("out", "err"):
+        capture = getattr(multi, name, None)
+        if (
+            type(capture) is FDCapture
+            and "snap" not in vars(capture)
+            and getattr(capture, "_state", None) in ("started", "suspended")
+            and hasattr(getattr(capture, "tmpfile", None), "fileno")
+        ):
+            try:
+                capture.snap = _quick_snap(capture)
+            except (OSError, ValueError):
+                pass
 
 
 def _identity(fd):
@@ -393,6 +565,13 @@ class FlyWorkerPlugin:
         self.fixup_for = None
 
     # --- the agent's messages (reader thread) ---------------------------------------------
+
+    def _batch(self):
+        """Batches this worker's writes, keeping what is unsent in a log the agent can read
+        (see `Channel.batch`). Not under a timeout: then every report goes out at once."""
+        if self.timeout is None and self.dump_dir:
+            worker = os.environ.get("FLY_WORKER_ID", "0")
+            self.channel.batch(os.path.join(self.dump_dir, "pending-%s.bin" % worker))
 
     def start_reader(self):
         thread = threading.Thread(target=self._read_loop, name="fly-worker-channel", daemon=True)
@@ -580,6 +759,7 @@ class FlyWorkerPlugin:
         self.channel.drop()
         self.channel = Channel(os.environ["FLY_WORKER_SOCKET"])
         _hello(self.channel, worker, self.token)
+        self._batch()
         self.plan = None
         # pytest's global capture writes into temporary files shared with every other process
         # forked from the same parent; start it afresh so this worker's output stays its own.
@@ -741,6 +921,8 @@ class FlyWorkerPlugin:
         if not self.nomore and not self.want_sent and len(self.queue) < 2:
             self.want_sent = True
             self.channel.send({"type": "want"})
+            # The answer should arrive while the current test runs: no batching for this.
+            self.channel.flush()
 
     def _serve(self, session):
         items = session.items
@@ -753,6 +935,7 @@ class FlyWorkerPlugin:
         timeout = self.timeout
         dump = self._open_dump() if timeout else None
         began = 0.0
+        _quicken_capture(session.config)
         while True:
             with cond:
                 # A test starts only when the test after it is known (or known not to exist),
@@ -776,8 +959,12 @@ class FlyWorkerPlugin:
                 # the dump comes even from a test stuck in C code.
                 faulthandler.dump_traceback_later(timeout, repeat=False, file=dump, exit=False)
                 began = time.monotonic()
+            log = channel.log
+            if log is not None:
+                log.running(lease, index)
             channel.send(None, (START % (lease, index, time.time())).encode())
-            channel.flush()
+            if log is None:
+                channel.flush()
             protocol(item=item, nextitem=nextitem)
             if _pid() != pid:
                 # A test forked and its child came back here: it must not act as the worker.
@@ -799,6 +986,8 @@ class FlyWorkerPlugin:
             else:
                 self.stack_for = nextitem
             channel.send(None, (FINISHED % (lease, index)).encode())
+            if log is not None:
+                log.idle()
 
     def _open_dump(self):
         """This worker's file for the stacks of a test that runs out of time (the agent reads
@@ -931,6 +1120,7 @@ def main():
     sys.argv[0] = "pytest"
     plugin = FlyWorkerPlugin(channel, token, plan, timeout, dump_dir)
     if plan is None:
+        plugin._batch()
         plugin.start_reader()
     code = 3
     try:
@@ -945,6 +1135,14 @@ def main():
     channel.send({"type": "exited", "exit_code": code})
     channel.flush()
     channel.close()
+    # The interpreter's last garbage collection, once atexit handlers have run, would walk
+    # every object left (the items, the reports of thousands of tests): the worst part of a
+    # large worker's exit, which the agent waits for. Objects alive at the exit are freed with
+    # their modules as usual; only cycles still unreclaimed then stay uncollected, as the
+    # collection frozen above already does (and Python does not promise their finalizers run
+    # at exit anyway).
+    if hasattr(gc, "freeze"):
+        gc.freeze()
     return code
 
 

@@ -742,6 +742,7 @@ impl Launcher {
         SupervisorOptions {
             timeout: self.config.timeout,
             dump: self.dir.join(format!("stack-{id}.txt")),
+            unsent: self.dir.join(format!("pending-{id}.bin")),
             replacement: expected_digest.is_some() || id >= self.config.workers,
             expected_digest,
         }

@@ -910,6 +910,57 @@ async fn os_exit_in_a_test_is_reported_as_a_crash(fork: bool) {
     h.shutdown(Duration::from_secs(5)).await;
 }
 
+async fn tests_finished_just_before_a_crash_keep_their_reports(fork: bool) {
+    // The worker sends its frames in batches: the tests it finished in the moment before the
+    // crash may not have gone out yet. They must still arrive, passed, with the crash
+    // reported on the test that crashed and nothing else given back but the one after it.
+    let mut h = start(fork, "crash", &[], 1, &[]).await;
+    let (tests, _, _) = h.collected().await;
+    let work = plan(
+        &tests,
+        &[
+            "test_crash.py::test_fine",
+            "test_crash.py::test_fine_too",
+            "test_crash.py::test_exits",
+            "test_crash.py::test_segfaults",
+        ],
+    );
+    h.wait_for("a want", |e| matches!(e, PoolEvent::WantWork { .. }))
+        .await;
+    h.pool().assign(0, work).unwrap();
+    h.wait_for("the worker's exit", |e| {
+        matches!(e, PoolEvent::Exited { .. })
+    })
+    .await;
+    for lease in 1..=2 {
+        assert_eq!(
+            h.record.categories(lease),
+            [
+                (Phase::Setup, "".to_string()),
+                (Phase::Call, "passed".to_string()),
+                (Phase::Teardown, "".to_string())
+            ],
+            "lease {lease}"
+        );
+    }
+    let call = h.record.report(3, Phase::Call);
+    assert_eq!(call.outcome, "failed");
+    assert!(
+        call.longrepr
+            .contains("worker 0 crashed while running this test: exit code 3"),
+        "{}",
+        call.longrepr
+    );
+    assert_eq!(
+        h.record.finished,
+        [(0, 1), (0, 2), (0, 3)],
+        "{:?}",
+        h.record.finished
+    );
+    assert_eq!(h.record.exited[0].unstarted, [4]);
+    h.shutdown(Duration::from_secs(5)).await;
+}
+
 async fn a_crash_report_quotes_what_the_test_printed_under_dash_s(fork: bool) {
     // Without capturing, the test's output goes to the worker's own stderr, which the crash
     // report quotes (a forked worker has its own, not the fork server's).
@@ -1472,6 +1523,7 @@ in_both_modes!(
     a_worker_dying_before_collecting_fails_the_collection,
     each_worker_has_its_own_environment_session_and_output,
     os_exit_in_a_test_is_reported_as_a_crash,
+    tests_finished_just_before_a_crash_keep_their_reports,
     a_crash_report_quotes_what_the_test_printed_under_dash_s,
     a_test_forking_leaves_one_worker_behind,
     a_segfault_in_a_test_is_reported_as_a_crash,

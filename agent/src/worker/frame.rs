@@ -198,6 +198,15 @@ pub struct FrameReader<R> {
     start: usize,
     /// The stream ended, or a frame could not be read: nothing more comes.
     done: bool,
+    /// A frame could not be read (or the stream broke): nothing after it can be trusted.
+    failed: bool,
+    /// Bytes read from the stream so far.
+    received: u64,
+    /// A partial frame at the end of the stream waits for [`FrameReader::finish`] instead of
+    /// being reported as truncated at once.
+    defer_truncation: bool,
+    /// [`FrameReader::finish`] was called.
+    finished: bool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -207,7 +216,57 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: Vec::with_capacity(64 * 1024),
             start: 0,
             done: false,
+            failed: false,
+            received: 0,
+            defer_truncation: false,
+            finished: false,
         }
+    }
+
+    /// Like `new`, for a stream whose end may be continued from elsewhere: a worker's log of
+    /// the frames it had not sent yet when it died. A partial frame at the end of the stream is
+    /// left for [`FrameReader::finish`] rather than reported as truncated.
+    pub fn with_continuation(stream: R) -> FrameReader<R> {
+        let mut reader = FrameReader::new(stream);
+        reader.defer_truncation = true;
+        reader
+    }
+
+    /// Bytes read from the stream so far, whole frames or not.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// A frame could not be read, or the stream broke: the bytes received no longer line up
+    /// with what the other side wrote.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Ends the stream here: decodes the frames `tail` (the bytes that followed the last one
+    /// received) completes or holds, and reports a frame still partial as truncated. Nothing
+    /// comes after a failed frame, and nothing after the first call.
+    pub fn finish(&mut self, tail: &[u8]) -> Vec<Result<WorkerMessage, FrameError>> {
+        if self.finished || self.failed {
+            self.finished = true;
+            self.done = true;
+            return Vec::new();
+        }
+        self.finished = true;
+        self.buf.extend_from_slice(tail);
+        self.done = false;
+        let mut batch = self.take_frames();
+        self.done = true;
+        if !self.failed && self.buf.len() > self.start {
+            self.failed = true;
+            batch.push(Err(FrameError::Truncated));
+        }
+        batch
+    }
+
+    /// [`FrameReader::finish`] was called.
+    pub fn is_finished(&self) -> bool {
+        self.finished
     }
 
     /// The next frames, at least one; a bad frame ends the batch and the stream. None at the
@@ -231,13 +290,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) => {
                     self.done = true;
-                    if self.buf.len() > self.start {
+                    if self.buf.len() > self.start && !self.defer_truncation {
+                        self.failed = true;
                         return Some(vec![Err(FrameError::Truncated)]);
                     }
                 }
-                Ok(_) => {}
+                Ok(n) => self.received += n as u64,
                 Err(error) => {
                     self.done = true;
+                    self.failed = true;
                     return Some(vec![Err(FrameError::Io(error))]);
                 }
             }
@@ -253,6 +314,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
             if len > MAX_FRAME_BYTES {
                 self.done = true;
+                self.failed = true;
                 batch.push(Err(FrameError::TooLarge { len }));
                 break;
             }
@@ -265,6 +327,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.start += 4 + len;
             if frame.is_err() {
                 self.done = true;
+                self.failed = true;
             }
             batch.push(frame);
         }
@@ -492,5 +555,44 @@ mod tests {
             read_frame(&mut &cut[..]).await,
             Err(FrameError::Truncated)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_in_a_frame_is_continued_by_its_tail() {
+        let start = framed(&[br#"{"type":"start","lease":1,"index":0,"at":1.5}"#]);
+        let finished = framed(&[br#"{"type":"finished","lease":1,"index":0}"#]);
+        // The stream breaks off three bytes into `finished`; the rest comes from elsewhere.
+        let mut stream = start.clone();
+        stream.extend_from_slice(&finished[..3]);
+        let mut reader = FrameReader::with_continuation(&stream[..]);
+        let batch = reader.next_batch().await.unwrap();
+        assert!(matches!(
+            batch[..],
+            [Ok(WorkerMessage::Start { lease: 1, .. })]
+        ));
+        assert!(reader.next_batch().await.is_none());
+        assert_eq!(reader.received(), stream.len() as u64);
+        let rest = reader.finish(&finished[3..]);
+        assert!(matches!(
+            rest[..],
+            [Ok(WorkerMessage::Finished { lease: 1, index: 0 })]
+        ));
+        assert!(!reader.failed());
+        // Finished once: a second tail changes nothing.
+        assert!(reader.finish(&finished).is_empty());
+
+        // Without a tail the partial frame is truncated, as `new` reports it at once.
+        let mut reader = FrameReader::with_continuation(&stream[..]);
+        reader.next_batch().await.unwrap();
+        assert!(reader.next_batch().await.is_none());
+        assert!(matches!(
+            reader.finish(&[])[..],
+            [Err(FrameError::Truncated)]
+        ));
+        let mut plain = FrameReader::new(&stream[..]);
+        plain.next_batch().await.unwrap();
+        let end = plain.next_batch().await.unwrap();
+        assert!(matches!(end[..], [Err(FrameError::Truncated)]));
+        assert!(plain.failed());
     }
 }

@@ -68,6 +68,8 @@ pub(crate) struct SupervisorOptions {
     pub(crate) timeout: Option<Duration>,
     /// Where the worker's fault handler writes every thread's stack when a test times out.
     pub(crate) dump: PathBuf,
+    /// Where the worker keeps the frames it has not sent yet (`PendingLog` in fly_worker.py).
+    pub(crate) unsent: PathBuf,
     /// The run's collection digest, which a spawned replacement must collect.
     pub(crate) expected_digest: Option<String>,
     /// The worker replaces a crashed one: ending before it ever asked for work is a crash too.
@@ -174,6 +176,8 @@ pub(crate) struct Supervisor {
     exit_message: Option<i32>,
     /// Set once the worker broke the protocol; later messages are ignored.
     broken: bool,
+    /// The worker's stream ended without lining up with its log of unsent frames.
+    unaligned: bool,
     options: SupervisorOptions,
     /// When the running test times out (the timeout plus the grace for the stack dump).
     deadline: Option<Instant>,
@@ -213,6 +217,7 @@ impl Supervisor {
             collection_done: false,
             exit_message: None,
             broken: false,
+            unaligned: false,
             options,
             deadline: None,
             timed_out: None,
@@ -247,7 +252,11 @@ impl Supervisor {
                 batch = next_frames(&mut frames) => match batch {
                     Some(batch) => self.handle(batch).await,
                     None => {
-                        frames = None;
+                        // The worker closed its end (or died): what it wrote but never sent
+                        // is in its log.
+                        if let Some(mut ended) = frames.take() {
+                            self.recover(&mut ended).await;
+                        }
                         let grace = if self.exit_message.is_some() { LINGER_GRACE } else { EOF_GRACE };
                         kill_at = Some(Instant::now() + grace);
                     }
@@ -280,7 +289,68 @@ impl Supervisor {
         if let Some(outgoing) = self.to_worker_rx.take() {
             tokio::spawn(write_frames(write, outgoing, self.id));
         }
-        FrameReader::new(read)
+        FrameReader::with_continuation(read)
+    }
+
+    /// Ends the worker's stream with what its log holds beyond the bytes received (the frames
+    /// it wrote but had not sent when it closed or died), and handles them. Sets `unaligned`
+    /// when the stream and the log could not be lined up, so the running test is not known
+    /// from the stream.
+    async fn recover(&mut self, frames: &mut Frames) {
+        if frames.is_finished() {
+            return;
+        }
+        let tail = if frames.failed() {
+            None
+        } else {
+            match read_unsent(&self.options.unsent).await {
+                Ok(Some(log)) => log.after(frames.received()),
+                // No log: the worker sends every frame at once (under a timeout, or an older
+                // worker); a partial frame at the end is then just truncated.
+                Ok(None) => Some(Vec::new()),
+                Err(error) => {
+                    debug!(
+                        worker = self.id,
+                        "cannot read the worker's unsent frames: {error}"
+                    );
+                    None
+                }
+            }
+        };
+        let lined_up = tail.is_some();
+        let batch = frames.finish(&tail.unwrap_or_default());
+        if !batch.is_empty() {
+            self.handle(batch).await;
+        }
+        if !lined_up || frames.failed() {
+            self.unaligned = true;
+        }
+    }
+
+    /// The test the worker's log says it was running when it died, taken as started when
+    /// the stream cannot tell (a test wrote into the worker's socket itself).
+    async fn running_from_log(&mut self) {
+        if self.running.is_some() {
+            return;
+        }
+        let Ok(Some(log)) = read_unsent(&self.options.unsent).await else {
+            return;
+        };
+        let Some((lease, index)) = log.running else {
+            return;
+        };
+        let Some(position) = self.unstarted.iter().position(|e| *e == (lease, index)) else {
+            return;
+        };
+        self.unstarted.remove(position);
+        let now = epoch_now();
+        self.running = Some(Running {
+            lease,
+            index,
+            started: Instant::now(),
+            started_epoch: now,
+            last: None,
+        });
     }
 
     async fn command(&mut self, command: Command) {
@@ -470,17 +540,25 @@ impl Supervisor {
                 // Still held (as running) until it finishes.
                 self.unstarted.remove(position);
                 let now = epoch_now();
+                // A batching worker's start arrives a little after the fact (or, after its
+                // death, from its log): the worker's own clock says when the test started.
+                let ago = if at > 0.0 && at <= now { now - at } else { 0.0 };
+                let received = Instant::now();
+                let started = Duration::try_from_secs_f64(ago)
+                    .ok()
+                    .and_then(|ago| received.checked_sub(ago))
+                    .unwrap_or(received);
                 self.running = Some(Running {
                     lease,
                     index,
-                    started: Instant::now(),
-                    started_epoch: now,
+                    started,
+                    started_epoch: now - ago,
                     last: None,
                 });
                 self.deadline = self
                     .options
                     .timeout
-                    .map(|timeout| Instant::now() + timeout + TIMEOUT_GRACE);
+                    .map(|timeout| started + timeout + TIMEOUT_GRACE);
                 let at = if at > 0.0 { at } else { now };
                 Ok(Some(Internal::Event(PoolEvent::Started {
                     worker,
@@ -595,6 +673,10 @@ impl Supervisor {
             while let Ok(Some(batch)) = timeout_at(deadline, frames.next_batch()).await {
                 self.handle(batch).await;
             }
+            self.recover(&mut frames).await;
+        }
+        if self.broken || self.unaligned {
+            self.running_from_log().await;
         }
         self.output.finish(deadline).await;
         let status = end.status;
@@ -844,6 +926,69 @@ fn epoch_now() -> f64 {
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
+
+/// A worker's log of the frames it had not sent yet (`PendingLog` in fly_worker.py).
+struct UnsentLog {
+    /// Bytes of the connection (after the hello) before the first frame in `frames`.
+    base: u64,
+    frames: Vec<u8>,
+    /// The test it was running: (lease, index).
+    running: Option<(u64, u32)>,
+}
+
+impl UnsentLog {
+    /// The bytes that follow the first `received` bytes of the connection, or None when the
+    /// log does not continue from there (the worker sent bytes that were never received).
+    fn after(&self, received: u64) -> Option<Vec<u8>> {
+        let skip = received.checked_sub(self.base)?;
+        // Past the end: everything in the log was sent (the worker died before it moved the
+        // log's base past what it had just sent).
+        Some(
+            usize::try_from(skip)
+                .ok()
+                .and_then(|skip| self.frames.get(skip..))
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// Size of the log's header: base, length, running lease + 1, running index (little-endian).
+const UNSENT_HEADER: usize = 32;
+
+/// Reads a worker's log of unsent frames; `Ok(None)` when the worker keeps none.
+async fn read_unsent(path: &std::path::Path) -> std::io::Result<Option<UnsentLog>> {
+    use tokio::io::AsyncReadExt;
+    let mut file = match tokio::fs::File::open(path).await {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let mut header = [0u8; UNSENT_HEADER];
+    file.read_exact(&mut header).await?;
+    let field = |i: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&header[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(bytes)
+    };
+    let (base, length, lease, index) = (field(0), field(1), field(2), field(3));
+    let length = usize::try_from(length)
+        .ok()
+        .filter(|length| *length <= MAX_UNSENT_BYTES)
+        .ok_or_else(|| std::io::Error::other(format!("a log of {length} unsent bytes")))?;
+    let mut frames = vec![0u8; length];
+    file.read_exact(&mut frames).await?;
+    // The lease is stored plus one, so that 0 means "no test running".
+    let running = lease.checked_sub(1).zip(u32::try_from(index).ok());
+    Ok(Some(UnsentLog {
+        base,
+        frames,
+        running,
+    }))
+}
+
+/// The largest log a worker keeps (fly_worker.py's `PendingLog.SIZE`, with room to spare).
+const MAX_UNSENT_BYTES: usize = 16 * 1024 * 1024;
 
 /// The next batch from the socket, once connected.
 pub(crate) async fn next_frames(frames: &mut Option<Frames>) -> Option<Vec<Frame>> {
