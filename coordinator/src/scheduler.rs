@@ -27,7 +27,7 @@
 //!   [`MAX_LOST_ATTEMPTS`] times; the next loss ends it (a test that kills its agent would
 //!   otherwise take down every agent of the farm, one after another, forever).
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::units::{Estimates, Unit};
@@ -206,7 +206,7 @@ pub struct Scheduler {
     known: Vec<bool>,
     /// Units waiting, longest first.
     queue: VecDeque<Queued>,
-    workers: HashMap<WorkerKey, WorkerState>,
+    workers: BTreeMap<WorkerKey, WorkerState>,
     speeds: HashMap<AgentSlot, f64>,
     /// Each agent's speed as it announced it (its calibration).
     calibrated: HashMap<AgentSlot, f64>,
@@ -279,7 +279,7 @@ impl Scheduler {
             estimate: estimates.per_test,
             known: estimates.known,
             queue,
-            workers: HashMap::new(),
+            workers: BTreeMap::new(),
             speeds: HashMap::new(),
             calibrated: HashMap::new(),
             // One lease per test, unless tests run again.
