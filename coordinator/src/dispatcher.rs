@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::observe::{Observation, Watch};
 use crate::scheduler::{Action, AgentSlot, Event, LeaseStatus, Scheduler, WorkerKey};
-use crate::store::{History, Store, Write};
+use crate::store::{CollectionRows, History, Store, Write};
 use crate::units::{self, Dist};
 use collection::Collection;
 
@@ -778,9 +778,10 @@ impl Dispatcher {
         run.collection = Some(Arc::new(Collection::Full(tests.clone())));
         run.phase = RunPhase::Running;
         run.members.insert(slot, Membership::Accepted);
+        // The store gets its own compact rows, so the list can go once the units are built.
         self.store.write(Write::RunCollected {
             run_id: run_id.to_string(),
-            tests: tests.clone(),
+            tests: CollectionRows::new(&tests),
             deselected: partial.deselected,
         });
         self.store.write(Write::RunStarted {
@@ -874,6 +875,11 @@ impl Dispatcher {
             }
         }
         run.scheduler = Some(scheduler);
+        // The units are built: node ids are all the run needs of its collection from now on.
+        drop(tests);
+        if let Some(collection) = run.collection.as_mut().and_then(Arc::get_mut) {
+            collection.compact();
+        }
         self.replay_wants(run_id, now);
         self.finish_if_all_recorded(run_id);
     }
@@ -992,7 +998,8 @@ impl Dispatcher {
             }
         }
         if run.scheduler.is_some() {
-            // The units are built: once the store has written the list, node ids will do.
+            // The units are built: node ids will do (if the list could not be let go when the
+            // scheduler was built, because someone still held it).
             if let Some(collection) = run.collection.as_mut().and_then(Arc::get_mut) {
                 collection.compact();
             }

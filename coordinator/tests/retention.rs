@@ -4,7 +4,6 @@
 //! the runs going on meanwhile.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fly_common::proto::{CollectedTest, Phase, PhaseReport, Section, Topology};
@@ -133,7 +132,7 @@ fn write_run(store: &Store, run: &Run) {
         .collect();
     store.write(Write::RunCollected {
         run_id: run.id.into(),
-        tests: Arc::new(tests),
+        tests: fly_coordinator::store::CollectionRows::new(&tests),
         deselected: 0,
     });
     store.write(Write::RunAgent {

@@ -1,5 +1,6 @@
-//! A run's collection as the dispatcher keeps it: the list as collected until the run is
-//! scheduled and the store has written it, then only the tests' node ids, in one buffer.
+//! A run's collection as the dispatcher keeps it: the list as collected until the run's units
+//! are built, then only the tests' node ids, in one buffer. (The store writes its own compact
+//! copy, [`crate::store::CollectionRows`], made when the list is accepted.)
 //!
 //! Once the units are built, a node id is all the dispatcher looks up by test index (to name a
 //! test in its reports, results, notices and the dashboard). At a million tests the collected
@@ -12,7 +13,7 @@ use fly_common::proto::CollectedTest;
 
 /// A run's tests, by index.
 pub(super) enum Collection {
-    /// As collected, shared with the store's write of it and with the scheduler's building.
+    /// As collected, until the run's units are built from it.
     Full(Arc<Vec<CollectedTest>>),
     /// Only the node ids, once nothing needs more.
     Ids(NodeIds),
@@ -47,8 +48,8 @@ impl Collection {
         }
     }
 
-    /// Keeps only the node ids, if nobody else holds the list any more (the store has written
-    /// it). Call it only once the run's units are built: they need the rest.
+    /// Keeps only the node ids, if nobody else holds the list any more. Call it only once the
+    /// run's units are built: they need the rest.
     pub(super) fn compact(&mut self) {
         let Collection::Full(tests) = self else {
             return;

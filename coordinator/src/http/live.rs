@@ -452,7 +452,7 @@ mod tests {
             .collect();
         store.write(Write::RunCollected {
             run_id: "run-1".into(),
-            tests: std::sync::Arc::new(collection),
+            tests: crate::store::CollectionRows::new(&collection),
             deselected: 0,
         });
         store.write(Write::AgentConnected {

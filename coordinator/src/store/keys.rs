@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use fly_common::proto::CollectedTest;
+use super::CollectionRows;
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Ids remembered before the caches start over: enough for every run and agent of a busy
@@ -44,11 +44,11 @@ impl Keys {
     }
 
     /// Run `run`'s collection was written (and committed with the rows that follow it).
-    pub(super) fn collected(&mut self, run: i64, tests: &[CollectedTest]) {
+    pub(super) fn collected(&mut self, run: i64, tests: &CollectionRows) {
         if self.collections.len() >= MAX_COLLECTIONS && !self.collections.contains_key(&run) {
             self.collections.clear();
         }
-        let fingerprints = tests.iter().map(|t| fingerprint(&t.nodeid)).collect();
+        let fingerprints = tests.iter().map(|t| fingerprint(t.nodeid)).collect();
         self.collections.insert(run, fingerprints);
     }
 
@@ -150,16 +150,10 @@ fn known_or_new(
     Ok(seq)
 }
 
-/// The file to store for a collected test: none when it is the node id's part before the first
-/// `::`, which the `run_tests` view computes back.
-pub(super) fn file_to_store<'a>(nodeid: &str, file: &'a str) -> Option<&'a str> {
-    let derived = nodeid.find("::").map(|end| &nodeid[..end]);
-    (derived != Some(file)).then_some(file)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fly_common::proto::CollectedTest;
 
     #[test]
     fn node_ids_are_left_out_only_when_the_collection_has_them_at_that_index() {
@@ -171,7 +165,7 @@ mod tests {
                 ..CollectedTest::default()
             })
             .collect();
-        keys.collected(7, &tests);
+        keys.collected(7, &CollectionRows::new(&tests));
         assert_eq!(keys.nodeid_to_store(7, 0, "t.py::a"), None);
         assert_eq!(keys.nodeid_to_store(7, 1, "t.py::b"), None);
         assert_eq!(keys.nodeid_to_store(7, 0, "t.py::b"), Some("t.py::b"));
@@ -179,14 +173,5 @@ mod tests {
         assert_eq!(keys.nodeid_to_store(8, 0, "t.py::a"), Some("t.py::a"));
         keys.finished(7);
         assert_eq!(keys.nodeid_to_store(7, 0, "t.py::a"), Some("t.py::a"));
-    }
-
-    #[test]
-    fn file_is_left_out_only_when_the_view_can_compute_it() {
-        assert_eq!(file_to_store("a/t.py::test_x", "a/t.py"), None);
-        assert_eq!(file_to_store("a/t.py::C::test_x[1]", "a/t.py"), None);
-        assert_eq!(file_to_store("a/t.py::test_x", "b/t.py"), Some("b/t.py"));
-        assert_eq!(file_to_store("a/t.py", "a/t.py"), Some("a/t.py"));
-        assert_eq!(file_to_store("", ""), Some(""));
     }
 }

@@ -25,6 +25,7 @@
 //! their own on tokio's blocking pool: never on the writer thread (they would wait behind a
 //! batch) and never on the runtime's threads.
 
+mod collection;
 mod history;
 mod keys;
 mod resume;
@@ -38,10 +39,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use fly_common::proto::{CollectedTest, PhaseReport, Topology};
+use fly_common::proto::{PhaseReport, Topology};
 use rusqlite::{params, Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
+pub use collection::{CollectionRow, CollectionRows};
 pub use history::{History, MAX_SAMPLES};
 pub use resume::{count_result, LookupError, RecordedRun, COORDINATOR_STOPPED, STATUS_INTERRUPTED};
 pub use retention::{PruneSummary, Retention, RECENT_GRACE};
@@ -152,7 +154,7 @@ pub enum Write {
     /// The run's collection. Replaces any collection recorded for the run before.
     RunCollected {
         run_id: String,
-        tests: Arc<Vec<CollectedTest>>,
+        tests: CollectionRows,
         deselected: u32,
     },
     /// The run ended with this status, exit code and pytest category counts.
@@ -852,8 +854,7 @@ fn apply(conn: &Connection, keys: &mut keys::Keys, w: &Write) -> rusqlite::Resul
                 )?;
                 for (index, test) in tests.iter().enumerate() {
                     let line = (test.line != 0).then_some(test.line);
-                    let file = keys::file_to_store(&test.nodeid, &test.file);
-                    insert.execute(params![run, index as i64, test.nodeid, file, line])?;
+                    insert.execute(params![run, index as i64, test.nodeid, test.file, line])?;
                 }
                 // A shorter re-collection must not leave the old tail behind.
                 conn.prepare_cached("DELETE FROM collected WHERE run = ?1 AND test_index >= ?2")?
@@ -1105,7 +1106,7 @@ fn epoch_now() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fly_common::proto::{Phase, Section};
+    use fly_common::proto::{CollectedTest, Phase, Section};
     use rusqlite::OptionalExtension;
 
     const RUN: &str = "run-1";
@@ -1290,10 +1291,10 @@ mod tests {
                 line: 1,
                 group: String::new(),
             })
-            .collect();
+            .collect::<Vec<_>>();
         store.write(Write::RunCollected {
             run_id: RUN.into(),
-            tests: Arc::new(tests),
+            tests: CollectionRows::new(&tests),
             deselected: 0,
         });
         store.write(report(RUN, 0, 1, Phase::Call, "passed"));
@@ -1439,7 +1440,7 @@ mod tests {
         ]);
         store.write(Write::RunCollected {
             run_id: RUN.into(),
-            tests: tests.clone(),
+            tests: CollectionRows::new(&tests),
             deselected: 4,
         });
         store.flush().await.expect("flush");
@@ -1474,7 +1475,7 @@ mod tests {
         // A shorter re-collection replaces the old one entirely.
         store.write(Write::RunCollected {
             run_id: RUN.into(),
-            tests: Arc::new(vec![tests[2].clone()]),
+            tests: CollectionRows::new(&[tests[2].clone()]),
             deselected: 0,
         });
         store.write(Write::RunFinished {

@@ -445,9 +445,10 @@ pub(super) fn mark_abandoned(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use fly_common::proto::{CollectedTest, PhaseReport, Section};
+
+    use crate::store::CollectionRows;
     use rusqlite::Connection;
 
     use super::super::{Store, Write};
@@ -472,15 +473,15 @@ mod tests {
     fn collected(run_id: &str, nodeids: &[&str]) -> Write {
         Write::RunCollected {
             run_id: run_id.into(),
-            tests: Arc::new(
-                nodeids
+            tests: CollectionRows::new(
+                &nodeids
                     .iter()
                     .map(|n| CollectedTest {
                         nodeid: (*n).into(),
                         file: "t.py".into(),
                         ..Default::default()
                     })
-                    .collect(),
+                    .collect::<Vec<_>>(),
             ),
             deselected: 1,
         }
