@@ -775,13 +775,18 @@ impl Dispatcher {
         run.digest = partial.digest;
         run.deselected = partial.deselected;
         run.counts.add("deselected", partial.deselected);
-        run.collection = Some(Arc::new(Collection::Full(tests.clone())));
+        // The store gets compact rows of its own, so the list can go once the units are built;
+        // their packed node ids are what the run keeps from then on.
+        let rows = CollectionRows::new(&tests);
+        run.collection = Some(Arc::new(Collection::Full {
+            tests: tests.clone(),
+            nodeids: rows.nodeids().clone(),
+        }));
         run.phase = RunPhase::Running;
         run.members.insert(slot, Membership::Accepted);
-        // The store gets its own compact rows, so the list can go once the units are built.
         self.store.write(Write::RunCollected {
             run_id: run_id.to_string(),
-            tests: CollectionRows::new(&tests),
+            tests: rows,
             deselected: partial.deselected,
         });
         self.store.write(Write::RunStarted {

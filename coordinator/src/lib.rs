@@ -18,6 +18,7 @@ pub mod http;
 pub mod labels;
 pub mod node;
 pub mod observe;
+pub mod packed;
 pub mod plan;
 pub mod report;
 pub mod scheduler;

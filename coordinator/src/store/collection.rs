@@ -6,15 +6,17 @@
 //! test, over 100 MB at a million tests) can go as soon as the run's units are built instead
 //! of living until the writer gets to the write.
 
+use std::sync::Arc;
+
 use fly_common::proto::CollectedTest;
+
+use crate::packed::PackedStrings;
 
 /// The rows of a run's collection, by test index.
 #[derive(Debug, Clone, Default)]
 pub struct CollectionRows {
-    /// Every node id, end to end.
-    text: String,
-    /// Where each node id ends in `text`.
-    ends: Vec<usize>,
+    /// Every node id, in order: shared with the dispatcher, which keeps them for the run.
+    nodeids: Arc<PackedStrings>,
     /// The file of each test when it is not the one its node id names.
     files: Vec<Option<Box<str>>>,
     /// 1-based line of each test; 0 when unknown.
@@ -34,40 +36,40 @@ pub struct CollectionRow<'a> {
 impl CollectionRows {
     /// The rows of `tests`, in order.
     pub fn new(tests: &[CollectedTest]) -> CollectionRows {
-        let mut rows = CollectionRows {
-            text: String::with_capacity(tests.iter().map(|t| t.nodeid.len()).sum()),
-            ends: Vec::with_capacity(tests.len()),
-            files: Vec::with_capacity(tests.len()),
-            lines: Vec::with_capacity(tests.len()),
-        };
+        let bytes = tests.iter().map(|t| t.nodeid.len()).sum();
+        let mut nodeids = PackedStrings::with_capacity(tests.len(), bytes);
+        let mut files = Vec::with_capacity(tests.len());
+        let mut lines = Vec::with_capacity(tests.len());
         for test in tests {
-            rows.text.push_str(&test.nodeid);
-            rows.ends.push(rows.text.len());
-            rows.files
-                .push(file_to_store(&test.nodeid, &test.file).map(Box::from));
-            rows.lines.push(test.line);
+            nodeids.push(&test.nodeid);
+            files.push(file_to_store(&test.nodeid, &test.file).map(Box::from));
+            lines.push(test.line);
         }
-        rows
+        CollectionRows {
+            nodeids: Arc::new(nodeids),
+            files,
+            lines,
+        }
+    }
+
+    /// The node ids, in order.
+    pub fn nodeids(&self) -> &Arc<PackedStrings> {
+        &self.nodeids
     }
 
     /// How many tests.
     pub fn len(&self) -> usize {
-        self.ends.len()
+        self.nodeids.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.nodeids.is_empty()
     }
 
     /// Test `index`.
     pub fn get(&self, index: usize) -> Option<CollectionRow<'_>> {
-        let end = *self.ends.get(index)?;
-        let start = match index.checked_sub(1) {
-            Some(previous) => *self.ends.get(previous)?,
-            None => 0,
-        };
         Some(CollectionRow {
-            nodeid: self.text.get(start..end)?,
+            nodeid: self.nodeids.get(index)?,
             file: self.files.get(index)?.as_deref(),
             line: *self.lines.get(index)?,
         })
