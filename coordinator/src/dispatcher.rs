@@ -15,23 +15,21 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use fly_common::outcome::{final_outcome, Counts, Phase};
 use fly_common::proto::{
     agent_message, coordinator_message, run_event, worker_event, AgentHello, AgentMessage,
-    AgentNotice, Assignment, CategoryCount, Collected, CollectedTest, CollectionFailed,
-    CoordinatorMessage, EndRun, Lease as WireLease, PhaseReport, PhaseResult, Revoke, RunEvent,
-    RunFinished, RunStatus, SendCollection, StartRun, SubmitRequest, TestResult, Welcome, Work,
-    WorkerEvents,
+    AgentNotice, Assignment, CategoryCount, Collected, CollectionFailed, CoordinatorMessage,
+    EndRun, Lease as WireLease, PhaseReport, PhaseResult, Revoke, RunEvent, RunFinished, RunStatus,
+    SendCollection, StartRun, SubmitRequest, TestResult, Welcome, Work, WorkerEvents,
 };
 use fly_common::{exit_code, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use tracing::{debug, info, warn};
 
+use crate::collection::Collection;
 use crate::observe::{Observation, Watch};
 use crate::scheduler::{Action, AgentSlot, Event, LeaseStatus, Scheduler, WorkerKey};
-use crate::store::{CollectionRows, History, Store, Write};
+use crate::store::{History, Store, Write};
 use crate::units::{self, Dist};
-use collection::Collection;
 
-mod collection;
 mod reruns;
 mod resume;
 mod snapshot;
@@ -182,7 +180,8 @@ enum RunPhase {
 /// An agent's collection as it arrives in chunks.
 #[derive(Default)]
 struct PartialCollection {
-    tests: Vec<CollectedTest>,
+    /// Built test by test as the chunks arrive: the chunks themselves are not kept.
+    tests: Collection,
     digest: String,
     total: u32,
     deselected: u32,
@@ -659,13 +658,15 @@ impl Dispatcher {
         if partial.tests.is_empty() && !chunk.tests.is_empty() {
             // The list is kept for the whole run: allocated once at its announced size rather
             // than grown by doubling, which copies it on the way and leaves up to half of it
-            // unused (100 MB at a million tests). A list that does not match its announced
+            // unused. A list that does not match its announced
             // size is refused below anyway.
             let announced = (chunk.total as usize).min(MAX_RESERVED_TESTS);
-            partial.tests.reserve_exact(announced);
+            partial.tests = Collection::with_capacity(announced);
         }
         partial.has_list |= !chunk.tests.is_empty();
-        partial.tests.extend(chunk.tests);
+        for test in &chunk.tests {
+            partial.tests.push(test);
+        }
         partial.digest = chunk.digest;
         partial.total = chunk.total;
         partial.deselected = chunk.deselected;
@@ -673,9 +674,10 @@ impl Dispatcher {
         if !chunk.done {
             return;
         }
-        let Some(partial) = run.partial.remove(&slot) else {
+        let Some(mut partial) = run.partial.remove(&slot) else {
             return;
         };
+        partial.tests.shrink_to_fit();
         if run.collection.is_none() {
             if partial.total > 0 && !partial.has_list {
                 let lister_on_its_way = run.lister.is_some_and(|l| {
@@ -751,7 +753,7 @@ impl Dispatcher {
             );
             return;
         }
-        let theirs: HashSet<&str> = partial.tests.iter().map(|t| t.nodeid.as_str()).collect();
+        let theirs: HashSet<&str> = partial.tests.nodeids().collect();
         let reason = match run.collection.as_ref() {
             Some(ours) => describe_difference(ours, &theirs, partial.total),
             None => "a different collection".to_string(),
@@ -775,18 +777,12 @@ impl Dispatcher {
         run.digest = partial.digest;
         run.deselected = partial.deselected;
         run.counts.add("deselected", partial.deselected);
-        // The store gets compact rows of its own, so the list can go once the units are built;
-        // their packed node ids are what the run keeps from then on.
-        let rows = CollectionRows::new(&tests);
-        run.collection = Some(Arc::new(Collection::Full {
-            tests: tests.clone(),
-            nodeids: rows.nodeids().clone(),
-        }));
+        run.collection = Some(tests.clone());
         run.phase = RunPhase::Running;
         run.members.insert(slot, Membership::Accepted);
         self.store.write(Write::RunCollected {
             run_id: run_id.to_string(),
-            tests: rows,
+            tests: tests.clone(),
             deselected: partial.deselected,
         });
         self.store.write(Write::RunStarted {
@@ -857,8 +853,7 @@ impl Dispatcher {
         if run.scheduler.is_some() || run.phase != RunPhase::Running {
             return;
         }
-        let tests = run.collection.as_ref().and_then(|c| c.full()).cloned();
-        let (Some(tests), Some(history)) = (tests, run.history.clone()) else {
+        let (Some(tests), Some(history)) = (run.collection.clone(), run.history.clone()) else {
             return;
         };
         let estimates = units::estimate(&tests, &history, 0.0);
@@ -880,11 +875,6 @@ impl Dispatcher {
             }
         }
         run.scheduler = Some(scheduler);
-        // The units are built: node ids are all the run needs of its collection from now on.
-        drop(tests);
-        if let Some(collection) = run.collection.as_mut().and_then(Arc::get_mut) {
-            collection.compact();
-        }
         self.replay_wants(run_id, now);
         self.finish_if_all_recorded(run_id);
     }
@@ -1000,13 +990,6 @@ impl Dispatcher {
             _ => {
                 debug!(slot, run = %run_id, "worker events from an agent not accepted in the run");
                 return;
-            }
-        }
-        if run.scheduler.is_some() {
-            // The units are built: node ids will do (if the list could not be let go when the
-            // scheduler was built, because someone still held it).
-            if let Some(collection) = run.collection.as_mut().and_then(Arc::get_mut) {
-                collection.compact();
             }
         }
         let Some(collection) = run.collection.clone() else {

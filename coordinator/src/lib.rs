@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod collection;
 pub mod dispatcher;
 pub mod export;
 pub mod http;

@@ -1,6 +1,6 @@
 //! Strings packed end to end in one buffer and read back by index: a run's node ids, kept once
-//! for the whole run (shared by the dispatcher and the store's write of the collection) instead
-//! of one allocation per test. At a million tests that is about a quarter of the memory of the
+//! for the whole run (in its [`crate::collection::Collection`]) instead of one allocation per
+//! test. At a million tests that is about a quarter of the memory of the
 //! strings as collected.
 
 /// Strings in the order they were pushed.
@@ -23,6 +23,12 @@ impl PackedStrings {
     pub fn push(&mut self, s: &str) {
         self.text.push_str(s);
         self.ends.push(self.text.len());
+    }
+
+    /// Gives back the room reserved beyond what the strings took.
+    pub fn shrink_to_fit(&mut self) {
+        self.text.shrink_to_fit();
+        self.ends.shrink_to_fit();
     }
 
     pub fn len(&self) -> usize {

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use fly_common::proto::CollectedTest;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
+use crate::collection::Collection;
 use crate::scheduler::{Action, Event, Lease, Scheduler, WorkerKey};
 use crate::store::{History, SCHEMA_VERSION};
 use crate::units::{self, Dist};
@@ -464,15 +465,14 @@ pub fn simulate(run: &RecordedRun, workers: u32) -> f64 {
             .collect(),
         scopes: run.scopes.clone(),
     };
-    let collected: Vec<CollectedTest> = run
-        .tests
-        .iter()
-        .map(|t| CollectedTest {
+    let mut collected = Collection::with_capacity(run.tests.len());
+    for t in &run.tests {
+        collected.push(&CollectedTest {
             nodeid: t.nodeid.clone(),
             file: units::file_of(&t.nodeid).to_string(),
             ..Default::default()
-        })
-        .collect();
+        });
+    }
     let estimates = units::estimate(&collected, &history, 0.0);
     let units = units::build(&collected, &estimates, &history, run.dist);
     let mut scheduler = Scheduler::new(units, estimates);

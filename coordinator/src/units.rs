@@ -8,8 +8,7 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 
-use fly_common::proto::CollectedTest;
-
+use crate::collection::Collection;
 use crate::store::History;
 
 /// `--dist`: pytest-xdist's distribution modes, plus `auto`.
@@ -104,17 +103,17 @@ fn median(values: &mut [f64]) -> Option<f64> {
 
 /// Estimates every test: its own history, else its file's median, else the run's median,
 /// else `default`.
-pub fn estimate(tests: &[CollectedTest], history: &History, default: f64) -> Estimates {
+pub fn estimate(tests: &Collection, history: &History, default: f64) -> Estimates {
     let mut per_test = vec![f64::NAN; tests.len()];
     let mut known = vec![false; tests.len()];
     let mut by_file: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut all = Vec::new();
-    for (i, test) in tests.iter().enumerate() {
-        if let Some(d) = history.tests.get(&test.nodeid) {
+    for (i, nodeid) in tests.nodeids().enumerate() {
+        if let Some(d) = history.tests.get(nodeid) {
             if d.is_finite() && *d >= 0.0 {
                 per_test[i] = *d;
                 known[i] = true;
-                by_file.entry(file_of(&test.nodeid)).or_default().push(*d);
+                by_file.entry(file_of(nodeid)).or_default().push(*d);
                 all.push(*d);
             }
         }
@@ -124,10 +123,10 @@ pub fn estimate(tests: &[CollectedTest], history: &History, default: f64) -> Est
         .into_iter()
         .filter_map(|(file, mut values)| median(&mut values).map(|m| (file, m)))
         .collect();
-    for (i, test) in tests.iter().enumerate() {
+    for (i, nodeid) in tests.nodeids().enumerate() {
         if !known[i] {
             per_test[i] = file_medians
-                .get(file_of(&test.nodeid))
+                .get(file_of(nodeid))
                 .copied()
                 .unwrap_or(run_median);
         }
@@ -137,7 +136,7 @@ pub fn estimate(tests: &[CollectedTest], history: &History, default: f64) -> Est
 
 /// Groups the run's tests into units for `dist`.
 pub fn build(
-    tests: &[CollectedTest],
+    tests: &Collection,
     estimates: &Estimates,
     history: &History,
     dist: Dist,
@@ -146,11 +145,12 @@ pub fn build(
         tests: vec![i as u32],
         cost: estimates.per_test[i],
     };
-    let grouped = |key: &dyn Fn(&CollectedTest) -> Option<String>| -> Vec<Unit> {
+    // `key(index, nodeid)`: what the test's unit is named by, if it shares one.
+    let grouped = |key: &dyn Fn(usize, &str) -> Option<String>| -> Vec<Unit> {
         let mut units: Vec<Unit> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
-        for (i, test) in tests.iter().enumerate() {
-            match key(test) {
+        for (i, nodeid) in tests.nodeids().enumerate() {
+            match key(i, nodeid) {
                 Some(k) => {
                     let slot = *index.entry(k).or_insert_with(|| {
                         units.push(Unit {
@@ -169,18 +169,19 @@ pub fn build(
     };
     match dist {
         Dist::Load => (0..tests.len()).map(single).collect(),
-        Dist::LoadFile => grouped(&|t| Some(file_of(&t.nodeid).to_string())),
-        Dist::LoadScope => grouped(&|t| Some(scope_of(&t.nodeid).to_string())),
-        Dist::LoadGroup => {
-            grouped(&|t| (!t.group.is_empty()).then(|| format!("group:{}", t.group)))
-        }
+        Dist::LoadFile => grouped(&|_, nodeid| Some(file_of(nodeid).to_string())),
+        Dist::LoadScope => grouped(&|_, nodeid| Some(scope_of(nodeid).to_string())),
+        Dist::LoadGroup => grouped(&|i, _| {
+            let group = tests.group(i);
+            (!group.is_empty()).then(|| format!("group:{group}"))
+        }),
         Dist::Auto => {
             // Keep a scope together when its fixture setup costs at least half of what its tests
             // take: splitting it over k workers pays the setup k times to save less than that.
             let mut per_scope: HashMap<&str, Vec<f64>> = HashMap::new();
-            for (i, test) in tests.iter().enumerate() {
+            for (i, nodeid) in tests.nodeids().enumerate() {
                 per_scope
-                    .entry(scope_of(&test.nodeid))
+                    .entry(scope_of(nodeid))
                     .or_default()
                     .push(estimates.per_test[i]);
             }
@@ -210,8 +211,8 @@ pub fn build(
                     *fixture > 0.0 && *fixture >= 0.5 * own_time(*fixture, estimates)
                 })
             };
-            grouped(&|t| {
-                let scope = scope_of(&t.nodeid);
+            grouped(&|_, nodeid| {
+                let scope = scope_of(nodeid);
                 together(scope).then(|| scope.to_string())
             })
         }
@@ -222,7 +223,9 @@ pub fn build(
 mod tests {
     use super::*;
 
-    fn collected(ids: &[&str]) -> Vec<CollectedTest> {
+    use fly_common::proto::CollectedTest;
+
+    fn listed(ids: &[&str]) -> Vec<CollectedTest> {
         ids.iter()
             .map(|id| CollectedTest {
                 nodeid: id.to_string(),
@@ -231,6 +234,10 @@ mod tests {
                 group: String::new(),
             })
             .collect()
+    }
+
+    fn collected(ids: &[&str]) -> Collection {
+        Collection::from(listed(ids).as_slice())
     }
 
     fn history(tests: &[(&str, f64)], scopes: &[(&str, f64)]) -> History {
@@ -264,13 +271,14 @@ mod tests {
 
     #[test]
     fn dist_modes_group_like_xdist() {
-        let tests = collected(&[
+        let ids = [
             "a.py::t1",
             "a.py::C::t2",
             "a.py::C::t3",
             "b.py::t4",
             "a.py::t5",
-        ]);
+        ];
+        let tests = collected(&ids);
         let e = estimate(&tests, &History::default(), 1.0);
         let h = History::default();
         let groups = |d| {
@@ -285,9 +293,10 @@ mod tests {
             groups(Dist::LoadScope),
             vec![vec![0, 4], vec![1, 2], vec![3]]
         );
-        let mut marked = tests.clone();
+        let mut marked = listed(&ids);
         marked[0].group = "db".into();
         marked[3].group = "db".into();
+        let marked = Collection::from(marked.as_slice());
         let units: Vec<Vec<u32>> = build(&marked, &e, &h, Dist::LoadGroup)
             .into_iter()
             .map(|u| u.tests)

@@ -132,7 +132,9 @@ fn write_run(store: &Store, run: &Run) {
         .collect();
     store.write(Write::RunCollected {
         run_id: run.id.into(),
-        tests: fly_coordinator::store::CollectionRows::new(&tests),
+        tests: std::sync::Arc::new(fly_coordinator::collection::Collection::from(
+            tests.as_slice(),
+        )),
         deselected: 0,
     });
     store.write(Write::RunAgent {

@@ -13,14 +13,15 @@ use std::collections::HashMap;
 use fly_common::exit_code;
 use fly_common::outcome::Counts;
 use fly_common::proto::{
-    run_event, AgentNotice, CategoryCount, CollectedTest, RunEvent, RunFinished, RunStatus,
-    SubmitRequest, TestResult,
+    run_event, AgentNotice, CategoryCount, RunEvent, RunFinished, RunStatus, SubmitRequest,
+    TestResult,
 };
 use tokio::sync::oneshot;
 use tonic::Status;
 use tracing::info;
 
 use super::{Action, AgentConn, AgentSlot, Dispatcher, FollowerTx, Input, RunPhase, RunState};
+use crate::collection::Collection;
 use crate::scheduler::Scheduler;
 use crate::store::{count_result, LookupError, RecordedRun, Write, STATUS_CREATED, STATUS_RUNNING};
 
@@ -176,7 +177,7 @@ impl Dispatcher {
 pub(super) fn skip_recorded(
     run: &mut RunState,
     agents: &HashMap<AgentSlot, AgentConn>,
-    tests: &[CollectedTest],
+    tests: &Collection,
     scheduler: &mut Scheduler,
 ) {
     let Some(resume) = run.resume.as_mut() else {
@@ -186,8 +187,8 @@ pub(super) fn skip_recorded(
     let from = resume.from.clone();
     let mut replay = Vec::new();
     let mut skipped = Vec::new();
-    for (index, test) in tests.iter().enumerate() {
-        if let Some(mut result) = recorded.remove(&test.nodeid) {
+    for (index, nodeid) in tests.nodeids().enumerate() {
+        if let Some(mut result) = recorded.remove(nodeid) {
             result.test_index = index as u32;
             count_result(&mut run.counts, &result);
             skipped.push(index as u32);

@@ -452,7 +452,7 @@ mod tests {
             .collect();
         store.write(Write::RunCollected {
             run_id: "run-1".into(),
-            tests: crate::store::CollectionRows::new(&collection),
+            tests: std::sync::Arc::new(crate::collection::Collection::from(collection.as_slice())),
             deselected: 0,
         });
         store.write(Write::AgentConnected {

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use super::CollectionRows;
+use crate::collection::Collection;
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Ids remembered before the caches start over: enough for every run and agent of a busy
@@ -44,11 +44,11 @@ impl Keys {
     }
 
     /// Run `run`'s collection was written (and committed with the rows that follow it).
-    pub(super) fn collected(&mut self, run: i64, tests: &CollectionRows) {
+    pub(super) fn collected(&mut self, run: i64, tests: &Collection) {
         if self.collections.len() >= MAX_COLLECTIONS && !self.collections.contains_key(&run) {
             self.collections.clear();
         }
-        let fingerprints = tests.iter().map(|t| fingerprint(t.nodeid)).collect();
+        let fingerprints = tests.nodeids().map(fingerprint).collect();
         self.collections.insert(run, fingerprints);
     }
 
@@ -165,7 +165,7 @@ mod tests {
                 ..CollectedTest::default()
             })
             .collect();
-        keys.collected(7, &CollectionRows::new(&tests));
+        keys.collected(7, &Collection::from(tests.as_slice()));
         assert_eq!(keys.nodeid_to_store(7, 0, "t.py::a"), None);
         assert_eq!(keys.nodeid_to_store(7, 1, "t.py::b"), None);
         assert_eq!(keys.nodeid_to_store(7, 0, "t.py::b"), Some("t.py::b"));

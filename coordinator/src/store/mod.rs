@@ -25,7 +25,6 @@
 //! their own on tokio's blocking pool: never on the writer thread (they would wait behind a
 //! batch) and never on the runtime's threads.
 
-mod collection;
 mod history;
 mod keys;
 mod resume;
@@ -43,7 +42,8 @@ use fly_common::proto::{PhaseReport, Topology};
 use rusqlite::{params, Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
-pub use collection::{CollectionRow, CollectionRows};
+use crate::collection::Collection;
+
 pub use history::{History, MAX_SAMPLES};
 pub use resume::{count_result, LookupError, RecordedRun, COORDINATOR_STOPPED, STATUS_INTERRUPTED};
 pub use retention::{PruneSummary, Retention, RECENT_GRACE};
@@ -154,7 +154,7 @@ pub enum Write {
     /// The run's collection. Replaces any collection recorded for the run before.
     RunCollected {
         run_id: String,
-        tests: CollectionRows,
+        tests: Arc<Collection>,
         deselected: u32,
     },
     /// The run ended with this status, exit code and pytest category counts.
@@ -1294,7 +1294,7 @@ mod tests {
             .collect::<Vec<_>>();
         store.write(Write::RunCollected {
             run_id: RUN.into(),
-            tests: CollectionRows::new(&tests),
+            tests: Arc::new(Collection::from(tests.as_slice())),
             deselected: 0,
         });
         store.write(report(RUN, 0, 1, Phase::Call, "passed"));
@@ -1440,7 +1440,7 @@ mod tests {
         ]);
         store.write(Write::RunCollected {
             run_id: RUN.into(),
-            tests: CollectionRows::new(&tests),
+            tests: Arc::new(Collection::from(tests.as_slice())),
             deselected: 4,
         });
         store.flush().await.expect("flush");
@@ -1475,7 +1475,7 @@ mod tests {
         // A shorter re-collection replaces the old one entirely.
         store.write(Write::RunCollected {
             run_id: RUN.into(),
-            tests: CollectionRows::new(&[tests[2].clone()]),
+            tests: Arc::new(Collection::from(&tests[2..3])),
             deselected: 0,
         });
         store.write(Write::RunFinished {

@@ -448,7 +448,7 @@ mod tests {
 
     use fly_common::proto::{CollectedTest, PhaseReport, Section};
 
-    use crate::store::CollectionRows;
+    use crate::collection::Collection;
     use rusqlite::Connection;
 
     use super::super::{Store, Write};
@@ -473,16 +473,17 @@ mod tests {
     fn collected(run_id: &str, nodeids: &[&str]) -> Write {
         Write::RunCollected {
             run_id: run_id.into(),
-            tests: CollectionRows::new(
-                &nodeids
+            tests: std::sync::Arc::new(Collection::from(
+                nodeids
                     .iter()
                     .map(|n| CollectedTest {
                         nodeid: (*n).into(),
                         file: "t.py".into(),
                         ..Default::default()
                     })
-                    .collect::<Vec<_>>(),
-            ),
+                    .collect::<Vec<_>>()
+                    .as_slice(),
+            )),
             deselected: 1,
         }
     }
