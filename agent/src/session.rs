@@ -8,6 +8,7 @@
 use std::future::pending;
 use std::time::Duration;
 
+use fly_common::batch::EventBatch;
 use fly_common::proto::agents_client::AgentsClient;
 use fly_common::proto::{
     agent_message, coordinator_message, worker_event, AgentHello, AgentMessage, Collected,
@@ -29,8 +30,6 @@ use crate::AgentConfig;
 
 /// Tests per `Collected` chunk: keeps each message far below the gRPC size limit.
 const COLLECTION_CHUNK: usize = 5_000;
-/// Worker events folded into one message at most.
-const EVENT_BATCH: usize = 2_048;
 /// How long workers get to finish their session teardown at the end of a run.
 const END_GRACE: Duration = Duration::from_secs(30);
 /// After a drain, how long the agent waits for the coordinator to close the stream (which
@@ -472,14 +471,14 @@ async fn give_back(
     assignments: Vec<fly_common::proto::Assignment>,
     out: &mpsc::Sender<AgentMessage>,
 ) -> Result<(), SessionError> {
-    let mut batch: Vec<WorkerEvent> = assignments
-        .into_iter()
-        .filter(|a| !a.leases.is_empty())
-        .map(|a| {
-            let leases = a.leases.iter().map(|l| l.lease).collect();
-            worker_event(a.worker, worker_event::Kind::Revoked(Revoked { leases }))
-        })
-        .collect();
+    let mut batch = EventBatch::default();
+    for assignment in assignments.into_iter().filter(|a| !a.leases.is_empty()) {
+        let leases = assignment.leases.iter().map(|l| l.lease).collect();
+        batch.push(worker_event(
+            assignment.worker,
+            worker_event::Kind::Revoked(Revoked { leases }),
+        ));
+    }
     flush_batch(run, &mut batch, out).await
 }
 
@@ -491,7 +490,7 @@ async fn forward_events(
     out: &mpsc::Sender<AgentMessage>,
     grace: Duration,
 ) -> Result<(), SessionError> {
-    let mut batch: Vec<WorkerEvent> = Vec::new();
+    let mut batch = EventBatch::default();
     let mut next = Some(first);
     while let Some(event) = next.take() {
         match event {
@@ -583,7 +582,7 @@ async fn forward_events(
                 run.drain(grace);
             }
         }
-        if batch.len() >= EVENT_BATCH {
+        if batch.is_full() {
             flush_batch(run, &mut batch, out).await?;
         }
         next = run.events.try_recv().ok();
@@ -600,13 +599,13 @@ fn worker_event(worker: u32, kind: worker_event::Kind) -> WorkerEvent {
 
 async fn flush_batch(
     run: &ActiveRun,
-    batch: &mut Vec<WorkerEvent>,
+    batch: &mut EventBatch,
     out: &mpsc::Sender<AgentMessage>,
 ) -> Result<(), SessionError> {
     if batch.is_empty() {
         return Ok(());
     }
-    let events = std::mem::take(batch);
+    let events = batch.take();
     send(
         out,
         agent_message::Kind::Events(WorkerEvents {

@@ -2,6 +2,7 @@
 //! the protocol version both sides check on connect, pytest's exit codes and outcome names,
 //! and hardware topology detection.
 
+pub mod batch;
 pub mod outcome;
 pub mod topology;
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use fly_common::batch::EventBatch;
 use fly_common::proto::agents_client::AgentsClient;
 use fly_common::proto::{
     agent_message, coordinator_message, worker_event, AgentHello, AgentMessage, Collected,
@@ -27,8 +28,6 @@ use tonic::transport::Endpoint;
 
 /// Tests per `Collected` chunk, as the real agent sends them.
 pub const COLLECTION_CHUNK: usize = 5_000;
-/// Worker events folded into one message at most, as the real agent does.
-const EVENT_BATCH: usize = 2_048;
 /// How long connecting to the coordinator may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -457,9 +456,17 @@ impl FakeAgent {
             self.events.clear();
             return Ok(());
         };
-        while !self.events.is_empty() {
-            let take = self.events.len().min(EVENT_BATCH);
-            let events: Vec<WorkerEvent> = self.events.drain(..take).collect();
+        // Folded into messages as the real agent folds them.
+        let mut pending = std::mem::take(&mut self.events).into_iter().peekable();
+        while pending.peek().is_some() {
+            let mut batch = EventBatch::default();
+            while !batch.is_full() {
+                match pending.next() {
+                    Some(event) => batch.push(event),
+                    None => break,
+                }
+            }
+            let events = batch.take();
             self.farm
                 .stats
                 .events_sent
