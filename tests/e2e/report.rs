@@ -86,10 +86,11 @@ fn report_runs_and_slowest_show_what_the_runs_did() {
     let data = embedded_data(&page);
     let lanes = data["lanes"].as_array().expect("lanes");
     assert_eq!(lanes.len(), 2, "one lane per worker");
+    // Both workers have a lane; which of them ran which tests is the scheduler's call (on a
+    // loaded machine one worker can finish everything before the other is ready).
     let mut tests = HashSet::new();
     for lane in lanes {
         let bars = lane["bars"].as_array().expect("bars");
-        assert!(!bars.is_empty(), "both workers ran tests");
         for bar in bars {
             tests.insert(bar[0].as_u64().expect("test index"));
         }
