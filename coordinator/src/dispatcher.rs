@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fly_common::outcome::{final_outcome, Counts, Phase};
 use fly_common::proto::{
@@ -86,7 +86,12 @@ pub enum Input {
     Observe {
         reply: oneshot::Sender<Observation>,
     },
+    /// Time passed (every [`TICK`]): the schedulers look again at tests running long.
+    Tick,
 }
+
+/// How often the dispatcher tells the running schedulers that time passed.
+const TICK: Duration = Duration::from_millis(200);
 
 /// Agent messages (and the end of an agent's stream) the dispatcher has not taken yet. Past
 /// this, the agents' stream reader waits, and gRPC flow control slows the agents down. A
@@ -129,12 +134,15 @@ pub fn spawn(store: Store) -> (DispatcherHandle, tokio::task::JoinHandle<()>) {
     let handle = DispatcherHandle { tx, agents };
     let mut dispatcher = Dispatcher::new(store.clone(), handle.clone());
     let join = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Agent traffic is taken only while the store keeps up, so memory stays bounded
             // when the farm reports faster than SQLite commits; control inputs always flow.
             let input = tokio::select! {
                 biased;
                 input = rx.recv() => input,
+                _ = tick.tick() => Some(Input::Tick),
                 input = async {
                     store.room().await;
                     agent_rx.recv().await
@@ -365,9 +373,25 @@ impl Dispatcher {
                 }
             }
             Input::Observe { reply } => self.observe(reply),
+            Input::Tick => self.tick(now),
         }
         self.flush_outbox();
         self.watch.dispatched(now);
+    }
+
+    fn tick(&mut self, now: Instant) {
+        let mut ticked = Vec::new();
+        for (run_id, run) in &mut self.runs {
+            if let Some(scheduler) = run.scheduler.as_mut() {
+                let actions = scheduler.handle(Event::Tick, now);
+                if !actions.is_empty() {
+                    ticked.push((run_id.clone(), actions));
+                }
+            }
+        }
+        for (run_id, actions) in ticked {
+            self.apply(&run_id, actions);
+        }
     }
 
     fn flush_outbox(&mut self) {

@@ -12,8 +12,10 @@
 //!   is left, down to one unit at the end; short tests come many at a time to amortise the round
 //!   trip, long ones one at a time.
 //! - **No idle worker while work waits.** A worker that finds the queue empty is parked, and the
-//!   worker holding the most unstarted work is asked to give back the tail of it, which then
-//!   goes to the parked worker. A lost agent's or worker's tests go back to the queue the same
+//!   worker whose unstarted tests would start latest (behind its running test and the rest) is
+//!   asked to give back the tail of them, which then goes to the parked worker. Time passing
+//!   ([`Event::Tick`]) looks again for parked workers: tests stuck behind one that runs far past
+//!   its expected time move too. A lost agent's or worker's tests go back to the queue the same
 //!   way.
 //! - **Machines differ.** Costs are in reference seconds; each agent has a speed (calibrated at
 //!   start, refined from observed durations). A worker much slower than the fastest takes short
@@ -69,6 +71,9 @@ pub enum Event {
     },
     /// The agent is gone: every lease its workers held goes back to the queue.
     AgentLost(AgentSlot),
+    /// Time passed. A test running far past its expected time holds up the tests queued
+    /// behind it on its worker: workers told "nothing for now" take them back.
+    Tick,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,8 +138,8 @@ impl TestState {
 struct WorkerState {
     /// Leases handed to the worker and not finished, in the order it runs them.
     held: VecDeque<u64>,
-    /// Leases among `held` that the worker has started.
-    started: BTreeSet<u64>,
+    /// Leases among `held` that the worker has started, and when.
+    started: BTreeMap<u64, Instant>,
     /// Told "nothing for now" and not given anything since.
     parked: bool,
     gone: bool,
@@ -145,7 +150,7 @@ impl WorkerState {
         self.held
             .iter()
             .copied()
-            .filter(|l| !self.started.contains(l))
+            .filter(|l| !self.started.contains_key(l))
     }
 }
 
@@ -244,6 +249,8 @@ pub struct Scheduler {
     /// history, a bound on what any one held test can cost, so a take-back search can pass
     /// over a worker without looking at its tests.
     max_known_cost: f64,
+    /// The time of the event being handled (none before the first).
+    now: Option<Instant>,
 }
 
 impl Scheduler {
@@ -298,6 +305,7 @@ impl Scheduler {
             lost_on: HashMap::new(),
             grouped: vec![false; count],
             max_known_cost: 0.0,
+            now: None,
         };
         scheduler.max_known_cost = scheduler
             .estimate
@@ -534,9 +542,11 @@ impl Scheduler {
         self.leases.get(index)
     }
 
-    pub fn handle(&mut self, event: Event, _now: Instant) -> Vec<Action> {
+    pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        self.now = Some(now);
         let mut actions = Vec::new();
         match event {
+            Event::Tick => self.tick(&mut actions),
             Event::WantWork(key) => {
                 let state = self.workers.entry(key).or_default();
                 if !state.gone {
@@ -546,7 +556,7 @@ impl Scheduler {
             Event::Started { lease } => {
                 if let LeaseStatus::Current { worker, .. } = self.lease_status(lease) {
                     if let Some(state) = self.workers.get_mut(&worker) {
-                        state.started.insert(lease);
+                        state.started.insert(lease, now);
                     }
                 }
             }
@@ -558,7 +568,7 @@ impl Scheduler {
                 let mut back = Vec::new();
                 if let Some(state) = self.workers.get_mut(&worker) {
                     for lease in leases {
-                        if !state.started.contains(&lease) && state.held.contains(&lease) {
+                        if !state.started.contains_key(&lease) && state.held.contains(&lease) {
                             state.held.retain(|l| *l != lease);
                             back.push(lease);
                         }
@@ -620,7 +630,8 @@ impl Scheduler {
                         state.gone = true;
                         let head = state.held.front().copied();
                         for lease in state.held.drain(..) {
-                            let in_flight = Some(lease) == head || state.started.contains(&lease);
+                            let in_flight =
+                                Some(lease) == head || state.started.contains_key(&lease);
                             lost.push((lease, *key, in_flight));
                         }
                         state.started.clear();
@@ -933,8 +944,6 @@ impl Scheduler {
         }
     }
 
-    /// The queue is empty and `idle` has nothing: ask the worker sitting on the most unstarted
-    /// work to give back the tail of it. Returns that worker if it was asked.
     /// Whether the test came in a unit of several (a module or class kept together because its
     /// fixtures cost more than splitting saves, or a loadfile/loadscope/loadgroup unit). Such
     /// tests are never taken back: moving one would make its new worker set the shared
@@ -943,10 +952,38 @@ impl Scheduler {
         self.grouped.get(test as usize).copied().unwrap_or(false)
     }
 
+    /// How long until the worker is done with the test it is running, in its own seconds: the
+    /// rest of its expected time, or, for a test already past it, as long again as it has run
+    /// so far (a test that overruns says little about when it will end).
+    fn running_wait(&self, state: &WorkerState, speed: f64) -> f64 {
+        let (Some(now), Some((lease, since))) = (self.now, state.started.iter().next()) else {
+            return 0.0;
+        };
+        let expected = self
+            .lease(*lease)
+            .map(|info| self.cost(info.test) / speed)
+            .unwrap_or(0.0);
+        let elapsed = now.saturating_duration_since(*since).as_secs_f64();
+        if elapsed < expected {
+            expected - elapsed
+        } else {
+            elapsed
+        }
+    }
+
+    /// The queue is empty and `idle` has nothing: ask the worker whose unstarted tests would
+    /// start latest to give back the tail of them. Returns that worker if it was asked.
+    ///
+    /// A worker's backlog is what it still has to do: the rest of its running test and the
+    /// tests it holds unstarted. The tail taken is what evens out the two workers' ends; it is
+    /// worth a round trip when the first test taken starts [`MIN_TAKE_BACK_SECONDS`] sooner
+    /// on `idle` than it would have on its worker. So a few tiny tests stuck behind a test that
+    /// runs far past its expected time are taken back too.
     fn take_back(&mut self, idle: WorkerKey, actions: &mut Vec<Action>) -> Option<WorkerKey> {
+        // The worker with the largest backlog, and that backlog.
         let mut best: Option<(WorkerKey, f64)> = None;
         // Idle workers ask one after another as a run ends, each while thousands of workers
-        // still hold a few tests: a worker whose held tests could not be worth a take-back (or
+        // still hold a few tests: a worker whose backlog could not be worth a take-back (or
         // more than the best found so far) even at the highest cost a test may have is passed
         // over without looking up each of its leases.
         let most_per_test = self.max_known_cost.max(self.unknown_cost());
@@ -957,36 +994,39 @@ impl Scheduler {
                 continue;
             }
             let speed = self.agent_speed(key.agent);
-            let ceiling = state.held.len() as f64 * most_per_test / speed;
-            if ceiling < 2.0 * MIN_TAKE_BACK_SECONDS || best.is_some_and(|(_, w)| ceiling <= w) {
+            let wait = self.running_wait(state, speed);
+            let ceiling = wait + state.held.len() as f64 * most_per_test / speed;
+            if ceiling < MIN_TAKE_BACK_SECONDS || best.is_some_and(|(_, b)| ceiling <= b) {
                 continue;
             }
-            let work: f64 = state
+            let (tests, work) = state
                 .unstarted()
                 .filter(|l| !self.revoking.contains(l))
                 .filter_map(|l| self.lease(l))
                 .filter(|info| !self.is_grouped(info.test))
-                .map(|info| self.cost(info.test) / speed)
-                .sum();
-            if best.is_none_or(|(_, w)| work > w) {
-                best = Some((*key, work));
+                .fold((0usize, 0.0), |(n, work), info| {
+                    (n + 1, work + self.cost(info.test) / speed)
+                });
+            if tests > 0 && best.is_none_or(|(_, b)| wait + work > b) {
+                best = Some((*key, wait + work));
             }
         }
-        let (victim, work) = best?;
-        if work < 2.0 * MIN_TAKE_BACK_SECONDS {
-            return None;
-        }
+        let (victim, backlog) = best?;
         let state = self.workers.get(&victim)?;
         let speed = self.agent_speed(victim.agent);
+        let idle_speed = self.agent_speed(idle.agent);
         let mut taken = Vec::new();
-        let mut taken_work = 0.0;
-        // From the tail: what the victim would run last.
+        // The tail's cost on the victim and on `idle`.
+        let mut taken_there = 0.0;
+        let mut taken_here = 0.0;
+        // From the tail: what the victim would run last, while `idle` would still be done
+        // with it before the victim is done with the rest.
         for lease in state.unstarted().rev() {
+            if taken_here >= backlog - taken_there {
+                break;
+            }
             if self.revoking.contains(&lease) {
                 continue;
-            }
-            if taken_work >= work / 2.0 {
-                break;
             }
             let Some(info) = self.lease(lease) else {
                 continue;
@@ -994,10 +1034,14 @@ impl Scheduler {
             if self.is_grouped(info.test) {
                 continue;
             }
-            taken_work += self.cost(info.test) / speed;
+            let cost = self.cost(info.test);
+            taken_there += cost / speed;
+            taken_here += cost / idle_speed;
             taken.push(lease);
         }
-        if taken.is_empty() || taken_work < MIN_TAKE_BACK_SECONDS {
+        // The first test taken would have started once the victim was through the rest.
+        let sooner = backlog - taken_there;
+        if taken.is_empty() || sooner < MIN_TAKE_BACK_SECONDS {
             return None;
         }
         taken.reverse();
@@ -1007,6 +1051,29 @@ impl Scheduler {
             leases: taken,
         });
         Some(victim)
+    }
+
+    /// Time passed: with the queue empty, parked workers take back what waits behind tests
+    /// running long (a worker asks for work only when it runs short, so nothing else would
+    /// look again). Stops at the first worker nothing is worth taking back for.
+    fn tick(&mut self, actions: &mut Vec<Action>) {
+        if !self.queue.is_empty() {
+            return;
+        }
+        let parked: Vec<WorkerKey> = self
+            .workers
+            .iter()
+            .filter(|(k, s)| s.parked && !s.gone && !self.awaiting.contains_key(k))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in parked {
+            match self.take_back(key, actions) {
+                Some(victim) => {
+                    self.awaiting.insert(key, victim);
+                }
+                None => break,
+            }
+        }
     }
 }
 
@@ -1454,6 +1521,58 @@ mod tests {
                 LeaseStatus::Superseded { .. }
             ));
         }
+    }
+
+    #[test]
+    fn tiny_tests_stuck_behind_a_test_running_long_go_to_a_parked_worker() {
+        // Twenty tests of half a millisecond: one batch takes them all.
+        let mut sched = known(&[0.0005; 20]);
+        let t0 = Instant::now();
+        let held = assigned(&sched.handle(Event::WantWork(w(0, 0)), t0));
+        assert_eq!(held.len(), 20, "one batch");
+        sched.handle(
+            Event::Started {
+                lease: held[0].lease,
+            },
+            t0,
+        );
+        // A millisecond in, the 10 ms of work behind the first test is not worth a round trip.
+        let ms = Duration::from_millis(1);
+        assert_eq!(
+            sched.handle(Event::WantWork(w(1, 0)), t0 + ms),
+            vec![Action::NoWork { worker: w(1, 0) }]
+        );
+        assert_eq!(sched.handle(Event::Tick, t0 + 2 * ms), vec![]);
+        // Two seconds in, the first test is far past its time: everything behind it moves.
+        let actions = sched.handle(Event::Tick, t0 + Duration::from_secs(2));
+        let unstarted: Vec<u64> = held[1..].iter().map(|l| l.lease).collect();
+        assert_eq!(
+            actions,
+            vec![Action::Revoke {
+                worker: w(0, 0),
+                leases: unstarted.clone()
+            }]
+        );
+        assert_eq!(
+            sched.handle(Event::Tick, t0 + Duration::from_secs(3)),
+            vec![],
+            "asked once"
+        );
+        let given = sched.handle(
+            Event::Revoked {
+                worker: w(0, 0),
+                leases: unstarted,
+            },
+            t0 + Duration::from_secs(3),
+        );
+        let moved = assigned(&given);
+        assert!(
+            matches!(given[0], Action::Assign { worker, .. } if worker == w(1, 0)),
+            "{given:?}"
+        );
+        let mut tests: Vec<u32> = moved.iter().map(|l| l.test).collect();
+        tests.sort_unstable();
+        assert_eq!(tests, (1..20).collect::<Vec<u32>>());
     }
 
     #[test]
