@@ -142,6 +142,8 @@ struct WorkerState {
     started: BTreeMap<u64, Instant>,
     /// Told "nothing for now" and not given anything since.
     parked: bool,
+    /// Has started a test in this run (and so set its session fixtures up).
+    ran: bool,
     gone: bool,
 }
 
@@ -193,8 +195,12 @@ const MAX_BATCH: usize = 128;
 const MIN_BATCH_SECONDS: f64 = 0.02;
 /// Assumed cost of a test nothing is known about, until tests of this run have finished.
 const UNKNOWN_TEST_SECONDS: f64 = 0.1;
-/// Taking back less unstarted work than this is not worth a round trip.
+/// Taking back tests that would start less than this much sooner is not worth a round trip.
 const MIN_TAKE_BACK_SECONDS: f64 = 0.01;
+/// A worker's next item (the test after the one it runs) is taken back only when it would
+/// start at least this much sooner: pytest has kept the fixtures it shares with the running
+/// test up for it, and moving it puts their teardown off into another test's setup.
+const NEXT_ITEM_TAKE_BACK_SECONDS: f64 = 1.0;
 /// A worker this much slower than the fastest leaves long tests to faster ones.
 const SLOW_WORKER: f64 = 0.8;
 /// How many times a test may be requeued because the worker or agent running it was lost.
@@ -556,6 +562,7 @@ impl Scheduler {
             Event::Started { lease } => {
                 if let LeaseStatus::Current { worker, .. } = self.lease_status(lease) {
                     if let Some(state) = self.workers.get_mut(&worker) {
+                        state.ran = true;
                         state.started.insert(lease, now);
                     }
                 }
@@ -977,8 +984,9 @@ impl Scheduler {
     /// A worker's backlog is what it still has to do: the rest of its running test and the
     /// tests it holds unstarted. The tail taken is what evens out the two workers' ends; it is
     /// worth a round trip when the first test taken starts [`MIN_TAKE_BACK_SECONDS`] sooner
-    /// on `idle` than it would have on its worker. So a few tiny tests stuck behind a test that
-    /// runs far past its expected time are taken back too.
+    /// on `idle` than it would have on its worker (for the worker's next item,
+    /// [`NEXT_ITEM_TAKE_BACK_SECONDS`]). So a few tiny tests stuck behind a test that runs far
+    /// past its expected time are taken back too.
     fn take_back(&mut self, idle: WorkerKey, actions: &mut Vec<Action>) -> Option<WorkerKey> {
         // The worker with the largest backlog, and that backlog.
         let mut best: Option<(WorkerKey, f64)> = None;
@@ -1014,6 +1022,8 @@ impl Scheduler {
         let (victim, backlog) = best?;
         let state = self.workers.get(&victim)?;
         let speed = self.agent_speed(victim.agent);
+        let wait = self.running_wait(state, speed);
+        let next_item = state.unstarted().next();
         let idle_speed = self.agent_speed(idle.agent);
         let mut taken = Vec::new();
         // The tail's cost on the victim and on `idle`.
@@ -1034,6 +1044,9 @@ impl Scheduler {
             if self.is_grouped(info.test) {
                 continue;
             }
+            if Some(lease) == next_item && wait < NEXT_ITEM_TAKE_BACK_SECONDS {
+                break;
+            }
             let cost = self.cost(info.test);
             taken_there += cost / speed;
             taken_here += cost / idle_speed;
@@ -1053,9 +1066,11 @@ impl Scheduler {
         Some(victim)
     }
 
-    /// Time passed: with the queue empty, parked workers take back what waits behind tests
-    /// running long (a worker asks for work only when it runs short, so nothing else would
-    /// look again). Stops at the first worker nothing is worth taking back for.
+    /// Time passed: with the queue empty, parked workers that have not run a test yet (an
+    /// agent that joined late) take back what waits behind tests running long; a parked
+    /// worker asks no more, so nothing else would look again. A worker that has run tests is
+    /// left parked: its session fixtures are torn down, and pytest sets them up once per
+    /// session. Stops at the first worker nothing is worth taking back for.
     fn tick(&mut self, actions: &mut Vec<Action>) {
         if !self.queue.is_empty() {
             return;
@@ -1063,7 +1078,7 @@ impl Scheduler {
         let parked: Vec<WorkerKey> = self
             .workers
             .iter()
-            .filter(|(k, s)| s.parked && !s.gone && !self.awaiting.contains_key(k))
+            .filter(|(k, s)| s.parked && !s.ran && !s.gone && !self.awaiting.contains_key(k))
             .map(|(k, _)| *k)
             .collect();
         for key in parked {
@@ -1576,6 +1591,54 @@ mod tests {
     }
 
     #[test]
+    fn time_passing_never_wakes_a_worker_that_tore_its_session_down() {
+        // Two 1 s tests, then twenty tiny ones.
+        let mut durations = vec![1.0, 1.0];
+        durations.extend([0.0005; 20]);
+        let mut sched = known(&durations);
+        let t0 = Instant::now();
+        let sec = |s: u64| t0 + Duration::from_secs(s);
+        let one = assigned(&sched.handle(Event::WantWork(w(1, 0)), t0));
+        let mut zero = assigned(&sched.handle(Event::WantWork(w(0, 0)), t0));
+        zero.extend(assigned(&sched.handle(Event::WantWork(w(0, 0)), t0)));
+        assert_eq!((one.len(), zero.len()), (2, 20), "{one:?} {zero:?}");
+        // (1,0) runs its two tests and finds nothing to take: (0,0) has not started yet.
+        for lease in &one {
+            sched.handle(Event::Started { lease: lease.lease }, t0);
+            sched.handle(
+                Event::Finished {
+                    lease: lease.lease,
+                    seconds: 1.0,
+                },
+                sec(1),
+            );
+        }
+        assert_eq!(
+            sched.handle(Event::WantWork(w(1, 0)), sec(1)),
+            vec![Action::NoWork { worker: w(1, 0) }]
+        );
+        // (0,0)'s first test then runs far past its time, with nineteen tests behind it.
+        sched.handle(
+            Event::Started {
+                lease: zero[0].lease,
+            },
+            sec(1),
+        );
+        assert_eq!(
+            sched.handle(Event::Tick, sec(10)),
+            vec![],
+            "(1,0) has torn its session fixtures down: it is not woken to set them up again"
+        );
+        // A worker that asks (or one that never ran a test) still takes them back.
+        let actions = sched.handle(Event::WantWork(w(2, 0)), sec(10));
+        assert!(
+            matches!(&actions[..], [Action::Revoke { worker, leases }]
+                if *worker == w(0, 0) && leases.len() == 19),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
     fn taken_back_work_goes_to_the_worker_waiting_for_it_never_to_a_parked_one() {
         // Worker (0,0) runs a long test and holds one more unstarted; (1,0) arrives and waits
         // for that one to be taken back; (2,0) arrives after it and finds nothing to take.
@@ -1730,7 +1793,8 @@ mod tests {
 
     #[test]
     fn a_lost_agents_tests_go_to_waiting_workers_and_late_reports_are_superseded() {
-        let mut sched = Scheduler::uniform(2);
+        // A long test and the one to follow it: worth taking back while the long one runs.
+        let mut sched = known(&[2.0, 0.5]);
         let now = Instant::now();
         let first = assigned(&sched.handle(Event::WantWork(w(1, 0)), now));
         assert_eq!(first.len(), 2);
