@@ -66,13 +66,11 @@ fn the_second_run_of_a_tail_shaped_suite_starts_the_longest_tests_first() {
     let second_id = db.run_id();
     assert_ne!(first_id, second_id);
     let order = start_order(&db, &second_id);
-    // The two workers take the two longest tests at once; which of them reaches its setup a
-    // few microseconds sooner is up to the operating system.
-    let mut first_two: Vec<&str> = order.iter().take(2).map(String::as_str).collect();
-    first_two.sort_unstable();
-    assert_eq!(
-        first_two,
-        ["test_zz_slow.py::test_long", "test_zz_slow.py::test_medium"],
-        "the longest tests start first: {order:?}"
+    assert_eq!(order.len(), 26, "{order:?}");
+    // Both workers start a test at once: which of them reaches its setup a few microseconds
+    // sooner is up to the operating system.
+    assert!(
+        order[..2].iter().any(|id| id == "test_zz_slow.py::test_long"),
+        "the longest test starts first: {order:?}"
     );
 }
