@@ -70,7 +70,9 @@ fn the_second_run_of_a_tail_shaped_suite_starts_the_longest_tests_first() {
     // Both workers start a test at once: which of them reaches its setup a few microseconds
     // sooner is up to the operating system.
     assert!(
-        order[..2].iter().any(|id| id == "test_zz_slow.py::test_long"),
+        order[..2]
+            .iter()
+            .any(|id| id == "test_zz_slow.py::test_long"),
         "the longest test starts first: {order:?}"
     );
 }
