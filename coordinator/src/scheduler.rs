@@ -5,7 +5,9 @@
 //! and takes no lock, so tests drive it with virtual time and simulated farms.
 //!
 //! - **Longest first.** Units of work (see `units.rs`) are queued by expected cost, longest
-//!   first, so a slow test never starts last and runs alone while the others idle.
+//!   first, so a slow test never starts last and runs alone while the others idle. A long unit
+//!   goes to the worker that will be done with it first: one asking while still busy leaves it
+//!   to another that would finish it sooner.
 //! - **Pull.** A worker asks when it holds fewer than two unstarted tests (it must know the test
 //!   after the one it starts, for pytest's fixture teardown) and gets a batch or "nothing for
 //!   now". Batches are a slice of the remaining work (guided self-scheduling): large while much
@@ -882,12 +884,15 @@ impl Scheduler {
             .filter(|(_, s)| !s.gone)
             .map(|(k, _)| self.agent_speed(k.agent))
             .sum();
-        let from_back = speed < SLOW_WORKER * self.fastest_live_speed()
-            && self
-                .queue
-                .front()
-                .is_some_and(|u| self.unit_cost(u) / speed > remaining / capacity.max(speed));
         let target = (remaining / (4 * live) as f64).max(MIN_BATCH_SECONDS);
+        let front = self.queue.front().map(|u| self.unit_cost(u));
+        let slow = speed < SLOW_WORKER * self.fastest_live_speed()
+            && front.is_some_and(|cost| cost / speed > remaining / capacity.max(speed));
+        // A long unit (one that goes out alone) goes to the worker that will be done with it
+        // first: a worker asking while it is still busy for a while leaves it to one that
+        // will ask sooner.
+        let busy = front.is_some_and(|cost| cost >= target && self.sooner_elsewhere(key, cost));
+        let from_back = slow || busy;
         let min_tests = 2usize.saturating_sub(unstarted);
         let mut leases = Vec::new();
         let mut batch_cost = 0.0;
@@ -949,6 +954,34 @@ impl Scheduler {
                 self.serve(key, actions);
             }
         }
+    }
+
+    /// What the worker still has to do before it could start another test, in its own
+    /// seconds: the rest of its running test and the tests it holds unstarted.
+    fn backlog(&self, state: &WorkerState, speed: f64) -> f64 {
+        let unstarted: f64 = state
+            .unstarted()
+            .filter_map(|l| self.lease(l))
+            .map(|info| self.cost(info.test))
+            .sum();
+        self.running_wait(state, speed) + unstarted / speed
+    }
+
+    /// Whether another worker that will ask for work (live, not parked) would be done with a
+    /// unit of `cost` at least [`MIN_TAKE_BACK_SECONDS`] sooner than `key`. Stops at the first.
+    fn sooner_elsewhere(&self, key: WorkerKey, cost: f64) -> bool {
+        let Some(state) = self.workers.get(&key) else {
+            return false;
+        };
+        let speed = self.agent_speed(key.agent);
+        let here = self.backlog(state, speed) + cost / speed;
+        self.workers.iter().any(|(other, s)| {
+            if *other == key || s.gone || s.parked {
+                return false;
+            }
+            let speed = self.agent_speed(other.agent);
+            self.backlog(s, speed) + cost / speed + MIN_TAKE_BACK_SECONDS < here
+        })
     }
 
     /// Whether the test came in a unit of several (a module or class kept together because its
@@ -1636,6 +1669,36 @@ mod tests {
                 if *worker == w(0, 0) && leases.len() == 19),
             "{actions:?}"
         );
+    }
+
+    #[test]
+    fn a_busy_worker_asking_ahead_leaves_the_next_long_test_to_a_worker_free_sooner() {
+        // Three workers; a 2 s test, two 1.5 s tests, then short ones.
+        let mut durations = vec![2.0, 1.5, 1.5];
+        durations.extend([0.05; 30]);
+        let mut sched = known(&durations);
+        sched.add_agent(0, 3, 1.0);
+        let now = Instant::now();
+        let first = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
+        assert_eq!(first[0].test, 0, "the longest test first");
+        sched.handle(
+            Event::Started {
+                lease: first[0].lease,
+            },
+            now,
+        );
+        // (0,0) asks for what follows while its 2 s test runs, before the others asked at all:
+        // a 1.5 s test would start only after 2 s there, at once on another worker.
+        let ahead = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
+        assert!(!ahead.is_empty());
+        assert!(
+            ahead.iter().all(|l| durations[l.test as usize] < 1.0),
+            "{ahead:?}"
+        );
+        for worker in [1, 2] {
+            let got = assigned(&sched.handle(Event::WantWork(w(0, worker)), now));
+            assert_eq!(durations[got[0].test as usize], 1.5, "{got:?}");
+        }
     }
 
     #[test]
