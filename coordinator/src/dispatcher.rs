@@ -8,7 +8,7 @@
 //! store, events to followers. Only store flushes are awaited, off the loop, so a slow disk
 //! never stalls dispatch.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -92,6 +92,10 @@ pub enum Input {
 
 /// How often the dispatcher tells the running schedulers that time passed.
 const TICK: Duration = Duration::from_millis(200);
+
+/// Finished runs kept in memory (their verdict, for `follow`); older ones are forgotten, so a
+/// coordinator that serves runs for months does not grow with them. The store keeps them all.
+const MAX_FINISHED_RUNS: usize = 1_000;
 
 /// Agent messages (and the end of an agent's stream) the dispatcher has not taken yet. Past
 /// this, the agents' stream reader waits, and gRPC flow control slows the agents down. A
@@ -316,6 +320,8 @@ pub struct Dispatcher {
     runs: HashMap<String, RunState>,
     /// Unfinished runs, oldest first: idle agents go to the first that can use them.
     queue: Vec<String>,
+    /// Finished runs still in `runs`, oldest first (at most [`MAX_FINISHED_RUNS`]).
+    finished: VecDeque<String>,
     /// Work to send, gathered while handling one input so each agent gets one message.
     outbox: HashMap<AgentSlot, Work>,
     /// Our own input channel, for work done off the loop that reports back (history reads).
@@ -333,6 +339,7 @@ impl Dispatcher {
             next_slot: 1,
             runs: HashMap::new(),
             queue: Vec::new(),
+            finished: VecDeque::new(),
             outbox: HashMap::new(),
             watch: Watch::new(),
         }
@@ -367,7 +374,11 @@ impl Dispatcher {
                 }
             }
             Input::HistoryLoaded { run_id, history } => {
-                if let Some(run) = self.runs.get_mut(&run_id) {
+                if let Some(run) = self
+                    .runs
+                    .get_mut(&run_id)
+                    .filter(|r| r.phase != RunPhase::Finished)
+                {
                     run.history = Some(history);
                     self.start_scheduler(&run_id, now);
                 }
@@ -1416,7 +1427,10 @@ impl Dispatcher {
                 }
             }
             None => {
-                let _ = tx.send(Err(Status::not_found(format!("no run {run_id}"))));
+                let _ = tx.send(Err(Status::not_found(format!(
+                    "no run {run_id} in progress or recently finished here; \
+                     `fly-coordinator runs --db <the coordinator's database>` lists recorded runs"
+                ))));
             }
         }
     }
@@ -1528,12 +1542,23 @@ impl Dispatcher {
             })),
         };
         let followers = std::mem::take(&mut run.followers);
-        // Drop what only a live run needs; keep the record for `follow` to answer.
+        // Drop what only a live run needs (the history and a resumed run's results take as
+        // much room as the suite has tests); keep the record for `follow` to answer.
         run.scheduler = None;
-        run.phases.clear();
-        run.partial.clear();
+        run.phases = HashMap::new();
+        run.partial = HashMap::new();
         run.collection = None;
+        run.history = None;
+        run.resume = None;
+        run.early_wants = Vec::new();
+        run.held_digests = Vec::new();
         self.queue.retain(|id| id != run_id);
+        self.finished.push_back(run_id.to_string());
+        while self.finished.len() > MAX_FINISHED_RUNS {
+            if let Some(oldest) = self.finished.pop_front() {
+                self.runs.remove(&oldest);
+            }
+        }
         let store = self.store.clone();
         tokio::spawn(async move {
             if let Err(err) = store.flush().await {
@@ -1585,4 +1610,80 @@ fn tail_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(n);
     lines[start..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn finished_runs_past_the_bound_are_forgotten_and_none_keeps_its_history() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = Store::open(&dir.path().join("fly.db")).expect("a store");
+        let (tx, _inputs) = mpsc::unbounded_channel();
+        let (agents, _agent_inputs) = mpsc::channel(1);
+        let mut dispatcher = Dispatcher::new(store, DispatcherHandle { tx, agents });
+        let now = Instant::now();
+        let mut ids = Vec::new();
+        for _ in 0..MAX_FINISHED_RUNS + 3 {
+            let (follower, _events) = mpsc::unbounded_channel();
+            let (reply, _reply) = oneshot::channel();
+            let request = SubmitRequest {
+                protocol_version: PROTOCOL_VERSION,
+                project: "p".into(),
+                pytest_args: vec![".".into()],
+                ..SubmitRequest::default()
+            };
+            let run_id = dispatcher.submit(request, follower, reply, now);
+            dispatcher.handle(
+                Input::Cancel {
+                    run_id: run_id.clone(),
+                    reason: "a test".into(),
+                },
+                now,
+            );
+            // The history read for the run may come back after it finished.
+            dispatcher.handle(
+                Input::HistoryLoaded {
+                    run_id: run_id.clone(),
+                    history: Arc::new(History::default()),
+                },
+                now,
+            );
+            ids.push(run_id);
+        }
+        assert_eq!(dispatcher.runs.len(), MAX_FINISHED_RUNS);
+        assert!(
+            !dispatcher.runs.contains_key(&ids[0]),
+            "the oldest is forgotten"
+        );
+        assert!(dispatcher.runs.values().all(|run| run.history.is_none()));
+
+        let follow = |dispatcher: &mut Dispatcher, run_id: &str| {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            dispatcher.handle(
+                Input::Follow {
+                    run_id: run_id.to_string(),
+                    tx,
+                },
+                now,
+            );
+            let mut events = Vec::new();
+            while let Ok(event) = rx.try_recv() {
+                events.push(event);
+            }
+            events
+        };
+        let forgotten = follow(&mut dispatcher, &ids[0]);
+        let Some(Err(status)) = forgotten.last() else {
+            panic!("{forgotten:?}");
+        };
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert!(status.message().contains("runs --db"), "{status:?}");
+        let kept = follow(&mut dispatcher, &ids[ids.len() - 1]);
+        assert!(
+            matches!(kept.last(), Some(Err(s)) if s.code() == tonic::Code::FailedPrecondition),
+            "a finished run still answers that it finished: {kept:?}"
+        );
+    }
 }
