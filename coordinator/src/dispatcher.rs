@@ -93,6 +93,9 @@ pub enum Input {
 /// How often the dispatcher tells the running schedulers that time passed.
 const TICK: Duration = Duration::from_millis(200);
 
+/// Every this many ticks, followers of a running run get a status with a fresh ETA.
+const STATUS_TICKS: u32 = 5;
+
 /// Finished runs kept in memory (their verdict, for `follow`); older ones are forgotten, so a
 /// coordinator that serves runs for months does not grow with them. The store keeps them all.
 const MAX_FINISHED_RUNS: usize = 1_000;
@@ -251,6 +254,9 @@ struct RunState {
     phases: HashMap<u64, CurrentAttempt>,
     counts: Counts,
     followers: Vec<FollowerTx>,
+    /// The message of the last status sent to followers, repeated by the periodic ones (a
+    /// client prints a status's message when it changes).
+    last_message: String,
     /// `--reruns`, `--flaky-fails`, flaky tests so far, agents gone (to name lost tests).
     reruns: reruns::Reruns,
     /// `run --resume`: the recorded results this run carries on with.
@@ -259,8 +265,22 @@ struct RunState {
 
 impl RunState {
     fn broadcast(&mut self, event: run_event::Kind) {
+        if let run_event::Kind::Status(status) = &event {
+            self.last_message.clone_from(&status.message);
+        }
         let event = RunEvent { kind: Some(event) };
         self.followers.retain(|f| f.send(Ok(event.clone())).is_ok());
+    }
+
+    /// Sends followers a status with a fresh ETA and the last message again (a client prints
+    /// a message only when it changes; a "waiting ..." one it holds back, so that is not
+    /// repeated).
+    fn refresh_status(&mut self, agents: &HashMap<AgentSlot, AgentConn>) {
+        if self.followers.is_empty() || self.last_message.starts_with("waiting") {
+            return;
+        }
+        let status = self.status(agents, self.last_message.clone());
+        self.broadcast(run_event::Kind::Status(status));
     }
 
     fn status(&self, agents: &HashMap<AgentSlot, AgentConn>, message: String) -> RunStatus {
@@ -306,9 +326,11 @@ impl RunState {
                     .map(str::to_string)
                     .collect()
             },
-            // The scheduler keeps no estimate of the leased work still running, so the
-            // coordinator offers none: clients estimate from their own progress.
-            eta_seconds: 0.0,
+            eta_seconds: self
+                .scheduler
+                .as_ref()
+                .and_then(|s| s.eta_seconds(Instant::now()))
+                .unwrap_or(0.0),
         }
     }
 }
@@ -322,6 +344,8 @@ pub struct Dispatcher {
     queue: Vec<String>,
     /// Finished runs still in `runs`, oldest first (at most [`MAX_FINISHED_RUNS`]).
     finished: VecDeque<String>,
+    /// Ticks so far (see [`STATUS_TICKS`]).
+    ticks: u32,
     /// Work to send, gathered while handling one input so each agent gets one message.
     outbox: HashMap<AgentSlot, Work>,
     /// Our own input channel, for work done off the loop that reports back (history reads).
@@ -340,6 +364,7 @@ impl Dispatcher {
             runs: HashMap::new(),
             queue: Vec::new(),
             finished: VecDeque::new(),
+            ticks: 0,
             outbox: HashMap::new(),
             watch: Watch::new(),
         }
@@ -391,6 +416,14 @@ impl Dispatcher {
     }
 
     fn tick(&mut self, now: Instant) {
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks.is_multiple_of(STATUS_TICKS) {
+            for run in self.runs.values_mut() {
+                if run.scheduler.is_some() {
+                    run.refresh_status(&self.agents);
+                }
+            }
+        }
         let mut ticked = Vec::new();
         for (run_id, run) in &mut self.runs {
             if let Some(scheduler) = run.scheduler.as_mut() {
@@ -910,6 +943,8 @@ impl Dispatcher {
             }
         }
         run.scheduler = Some(scheduler);
+        // The first estimate of the time left, before any test ran.
+        run.refresh_status(&self.agents);
         self.replay_wants(run_id, now);
         self.finish_if_all_recorded(run_id);
     }
@@ -1387,6 +1422,7 @@ impl Dispatcher {
             phases: HashMap::new(),
             counts: Counts::default(),
             followers: vec![tx],
+            last_message: String::new(),
             reruns: reruns::Reruns {
                 limit: request.reruns,
                 flaky_fails: request.flaky_fails,

@@ -513,6 +513,34 @@ impl Scheduler {
         self.remaining() + held
     }
 
+    /// Seconds the run is expected still to take at `now`: the work left (queued, and what each
+    /// worker still has to do) spread over the live workers' speed, but no less than what any
+    /// one worker still has to do, nor than the first queued unit on the fastest worker. A test
+    /// past its expected time counts as running as long again. `None` without live workers.
+    pub fn eta_seconds(&self, now: Instant) -> Option<f64> {
+        let capacity = self.capacity();
+        let fastest = self.fastest_live_speed();
+        if capacity <= 0.0 || fastest <= 0.0 {
+            return None;
+        }
+        let mut in_flight = 0.0;
+        let mut longest: f64 = 0.0;
+        for (key, state) in self.workers.iter().filter(|(_, s)| !s.gone) {
+            let speed = self.agent_speed(key.agent);
+            let backlog = self.backlog(state, speed, Some(now));
+            in_flight += backlog * speed;
+            longest = longest.max(backlog);
+        }
+        let first = self
+            .queue
+            .front()
+            .map_or(0.0, |u| self.unit_cost(u) / fastest);
+        let eta = ((self.remaining() + in_flight) / capacity)
+            .max(longest)
+            .max(first);
+        eta.is_finite().then_some(eta)
+    }
+
     /// The live workers' combined speed: reference seconds of work they do per second.
     pub fn capacity(&self) -> f64 {
         self.workers
@@ -958,13 +986,13 @@ impl Scheduler {
 
     /// What the worker still has to do before it could start another test, in its own
     /// seconds: the rest of its running test and the tests it holds unstarted.
-    fn backlog(&self, state: &WorkerState, speed: f64) -> f64 {
+    fn backlog(&self, state: &WorkerState, speed: f64, now: Option<Instant>) -> f64 {
         let unstarted: f64 = state
             .unstarted()
             .filter_map(|l| self.lease(l))
             .map(|info| self.cost(info.test))
             .sum();
-        self.running_wait(state, speed) + unstarted / speed
+        self.running_wait(state, speed, now) + unstarted / speed
     }
 
     /// Whether another worker that will ask for work (live, not parked) would be done with a
@@ -974,13 +1002,13 @@ impl Scheduler {
             return false;
         };
         let speed = self.agent_speed(key.agent);
-        let here = self.backlog(state, speed) + cost / speed;
+        let here = self.backlog(state, speed, self.now) + cost / speed;
         self.workers.iter().any(|(other, s)| {
             if *other == key || s.gone || s.parked {
                 return false;
             }
             let speed = self.agent_speed(other.agent);
-            self.backlog(s, speed) + cost / speed + MIN_TAKE_BACK_SECONDS < here
+            self.backlog(s, speed, self.now) + cost / speed + MIN_TAKE_BACK_SECONDS < here
         })
     }
 
@@ -995,8 +1023,8 @@ impl Scheduler {
     /// How long until the worker is done with the test it is running, in its own seconds: the
     /// rest of its expected time, or, for a test already past it, as long again as it has run
     /// so far (a test that overruns says little about when it will end).
-    fn running_wait(&self, state: &WorkerState, speed: f64) -> f64 {
-        let (Some(now), Some((lease, since))) = (self.now, state.started.iter().next()) else {
+    fn running_wait(&self, state: &WorkerState, speed: f64, now: Option<Instant>) -> f64 {
+        let (Some(now), Some((lease, since))) = (now, state.started.iter().next()) else {
             return 0.0;
         };
         let expected = self
@@ -1035,7 +1063,7 @@ impl Scheduler {
                 continue;
             }
             let speed = self.agent_speed(key.agent);
-            let wait = self.running_wait(state, speed);
+            let wait = self.running_wait(state, speed, self.now);
             let ceiling = wait + state.held.len() as f64 * most_per_test / speed;
             if ceiling < MIN_TAKE_BACK_SECONDS || best.is_some_and(|(_, b)| ceiling <= b) {
                 continue;
@@ -1055,7 +1083,7 @@ impl Scheduler {
         let (victim, backlog) = best?;
         let state = self.workers.get(&victim)?;
         let speed = self.agent_speed(victim.agent);
-        let wait = self.running_wait(state, speed);
+        let wait = self.running_wait(state, speed, self.now);
         let next_item = state.unstarted().next();
         let idle_speed = self.agent_speed(idle.agent);
         let mut taken = Vec::new();
@@ -1699,6 +1727,42 @@ mod tests {
             let got = assigned(&sched.handle(Event::WantWork(w(0, worker)), now));
             assert_eq!(durations[got[0].test as usize], 1.5, "{got:?}");
         }
+    }
+
+    #[test]
+    fn the_eta_spreads_the_work_left_but_waits_for_the_longest_and_for_an_overrun() {
+        let mut sched = known(&[2.0, 1.0, 1.0, 1.0]);
+        sched.add_agent(0, 2, 1.0);
+        let t0 = Instant::now();
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        // 5 s of work over two workers.
+        assert!(
+            close(sched.eta_seconds(t0), 2.5),
+            "{:?}",
+            sched.eta_seconds(t0)
+        );
+        let held = assigned(&sched.handle(Event::WantWork(w(0, 0)), t0));
+        assert_eq!(held[0].test, 0);
+        sched.handle(
+            Event::Started {
+                lease: held[0].lease,
+            },
+            t0,
+        );
+        // Half a second in: (0,0) has 1.5 s of its test and the 1 s test after it to go.
+        let half = t0 + Duration::from_millis(500);
+        assert!(
+            close(sched.eta_seconds(half), 2.5),
+            "{:?}",
+            sched.eta_seconds(half)
+        );
+        // Ten seconds in, its 2 s test still runs: it may run as long again.
+        let late = t0 + Duration::from_secs(10);
+        assert!(
+            close(sched.eta_seconds(late), 11.0),
+            "{:?}",
+            sched.eta_seconds(late)
+        );
     }
 
     #[test]

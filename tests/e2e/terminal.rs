@@ -340,3 +340,58 @@ fn strip_ansi(text: &str) -> String {
     }
     out
 }
+
+/// The ETA of a plain progress line, in seconds (`ETA 12s`, `ETA 3m05s`).
+fn eta_of(line: &str) -> Option<u64> {
+    let eta = line.split(", ETA ").nth(1)?.trim();
+    let (minutes, seconds) = match eta.split_once('m') {
+        Some((m, s)) => (m.parse::<u64>().ok()?, s),
+        None => (0, eta),
+    };
+    Some(minutes * 60 + seconds.strip_suffix('s')?.parse::<u64>().ok()?)
+}
+
+/// On a second run the coordinator's schedule knows a long test is still running: halfway
+/// through the tests the ETA counts its remaining seconds, where the pace of the short tests
+/// alone would promise an end at once.
+#[test]
+fn a_second_runs_eta_counts_the_long_test_still_running() {
+    let sandbox = Sandbox::new("terminal-eta");
+    let suite = sandbox.path("suite");
+    std::fs::create_dir_all(&suite).expect("suite dir");
+    let mut body = String::from("import time\n\ndef test_long():\n    time.sleep(6)\n");
+    for i in 0..40 {
+        body.push_str(&format!("\ndef test_short_{i}():\n    pass\n"));
+    }
+    std::fs::write(suite.join("test_eta.py"), body).expect("write suite");
+    let db = sandbox.path("fly.db");
+    let run = || {
+        let mut command = Command::new(fly_binary("fly-coordinator"));
+        command
+            .args(["run", "--local", "--workers", "2", "--db"])
+            .arg(&db)
+            .arg("--python")
+            .arg(python())
+            .args(["--", "-q", "-p", "no:cacheprovider"])
+            .current_dir(&suite);
+        clean_env(&mut command, None);
+        let run = Proc::spawn("fly-coordinator run --local", &mut command).wait(HANG_GUARD);
+        assert_eq!(run.code, Some(0), "{}", run.describe());
+        run
+    };
+    run();
+    let second = run();
+    let halfway: Vec<(u32, u64)> = second
+        .stderr
+        .lines()
+        .filter_map(|line| Some((progress_line(line)?.0, eta_of(line)?)))
+        // Up to 90%: the last two tests are the long one and the short one that follows it.
+        .filter(|(percent, _)| (50..=90).contains(percent))
+        .collect();
+    assert!(!halfway.is_empty(), "{}", second.describe());
+    assert!(
+        halfway.iter().all(|(_, eta)| *eta >= 2),
+        "the 6 s test is still running: {halfway:?}\n{}",
+        second.describe()
+    );
+}

@@ -39,9 +39,11 @@ impl Dispatcher {
                     // Collected but not scheduled yet (history loading): all of it waits.
                     None => (0, collected, 0, 0.0, 0.0),
                 };
-                let eta_seconds = (run.scheduler.is_some() && capacity > 0.0)
-                    .then(|| remaining / capacity)
-                    .filter(|eta| eta.is_finite());
+                // The same estimate the run's followers get.
+                let eta_seconds = run
+                    .scheduler
+                    .as_ref()
+                    .and_then(|s| s.eta_seconds(std::time::Instant::now()));
                 RunNow {
                     id: run.id.clone(),
                     project: run.project.clone(),
