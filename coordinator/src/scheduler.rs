@@ -1766,6 +1766,32 @@ mod tests {
     }
 
     #[test]
+    fn a_next_item_stays_with_its_worker_unless_it_would_start_a_second_sooner() {
+        // (0,0) runs a 0.5 s test and holds the two 0.3 s tests after it.
+        let mut sched = known(&[0.5, 0.3, 0.3]);
+        sched.add_agent(0, 1, 1.0);
+        let t0 = Instant::now();
+        let mut held = assigned(&sched.handle(Event::WantWork(w(0, 0)), t0));
+        while held.len() < 3 {
+            held.extend(assigned(&sched.handle(Event::WantWork(w(0, 0)), t0)));
+        }
+        sched.handle(
+            Event::Started {
+                lease: held[0].lease,
+            },
+            t0,
+        );
+        // Pytest keeps the next item's shared fixtures up for it: only the last one moves.
+        assert_eq!(
+            sched.handle(Event::WantWork(w(1, 0)), t0),
+            vec![Action::Revoke {
+                worker: w(0, 0),
+                leases: vec![held[2].lease]
+            }]
+        );
+    }
+
+    #[test]
     fn taken_back_work_goes_to_the_worker_waiting_for_it_never_to_a_parked_one() {
         // Worker (0,0) runs a long test and holds one more unstarted; (1,0) arrives and waits
         // for that one to be taken back; (2,0) arrives after it and finds nothing to take.
