@@ -1002,13 +1002,32 @@ impl Scheduler {
             return false;
         };
         let speed = self.agent_speed(key.agent);
+        // Looked at only while its running test still has at least the unit's length to go
+        // (the tail case): a worker asking ahead near the end of a short test, the common
+        // case, is not worth a pass over every worker.
+        if self.running_wait(state, speed, self.now) < cost / speed {
+            return false;
+        }
         let here = self.backlog(state, speed, self.now) + cost / speed;
+        // Asked at every request for a long unit, over every worker: each is judged from its
+        // running test and its count of held tests, and its held tests are looked up only when
+        // those leave the answer open.
+        let most_per_test = self.max_known_cost.max(self.unknown_cost());
         self.workers.iter().any(|(other, s)| {
             if *other == key || s.gone || s.parked {
                 return false;
             }
             let speed = self.agent_speed(other.agent);
-            self.backlog(s, speed, self.now) + cost / speed + MIN_TAKE_BACK_SECONDS < here
+            // It is sooner when its backlog is below this.
+            let within = here - cost / speed - MIN_TAKE_BACK_SECONDS;
+            let wait = self.running_wait(s, speed, self.now);
+            if wait >= within {
+                return false;
+            }
+            if wait + s.held.len() as f64 * most_per_test / speed < within {
+                return true;
+            }
+            self.backlog(s, speed, self.now) < within
         })
     }
 
