@@ -1002,13 +1002,15 @@ impl Scheduler {
             return false;
         };
         let speed = self.agent_speed(key.agent);
-        // Looked at only while its running test still has at least the unit's length to go
-        // (the tail case): a worker asking ahead near the end of a short test, the common
-        // case, is not worth a pass over every worker.
-        if self.running_wait(state, speed, self.now) < cost / speed {
+        // Looked at only while what it holds keeps it busy at least as long as the unit would
+        // (the tail case; it asks before it reports its next test started): a worker asking
+        // ahead near the end of a short test, the common case, is not worth a pass over every
+        // worker.
+        let backlog = self.backlog(state, speed, self.now);
+        if backlog < cost / speed {
             return false;
         }
-        let here = self.backlog(state, speed, self.now) + cost / speed;
+        let here = backlog + cost / speed;
         // Asked at every request for a long unit, over every worker: each is judged from its
         // running test and its count of held tests, and its held tests are looked up only when
         // those leave the answer open.
@@ -1807,6 +1809,23 @@ mod tests {
                 worker: w(0, 0),
                 leases: vec![held[2].lease]
             }]
+        );
+    }
+
+    #[test]
+    fn a_worker_asking_before_it_reports_its_long_test_started_also_leaves_the_next_long_one() {
+        // The worker asks for what follows before it reports the start of the test it takes.
+        let mut durations = vec![2.0, 1.5, 1.5];
+        durations.extend([0.05; 30]);
+        let mut sched = known(&durations);
+        sched.add_agent(0, 3, 1.0);
+        let now = Instant::now();
+        let first = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
+        assert_eq!(first[0].test, 0, "the longest test first");
+        let ahead = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
+        assert!(
+            ahead.iter().all(|l| durations[l.test as usize] < 1.0),
+            "{ahead:?}"
         );
     }
 
