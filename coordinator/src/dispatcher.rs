@@ -417,20 +417,18 @@ impl Dispatcher {
 
     fn tick(&mut self, now: Instant) {
         self.ticks = self.ticks.wrapping_add(1);
-        if self.ticks.is_multiple_of(STATUS_TICKS) {
-            for run in self.runs.values_mut() {
-                if run.scheduler.is_some() {
-                    run.refresh_status(&self.agents);
-                }
-            }
-        }
+        let status_due = self.ticks.is_multiple_of(STATUS_TICKS);
         let mut ticked = Vec::new();
         for (run_id, run) in &mut self.runs {
-            if let Some(scheduler) = run.scheduler.as_mut() {
-                let actions = scheduler.handle(Event::Tick, now);
-                if !actions.is_empty() {
-                    ticked.push((run_id.clone(), actions));
-                }
+            let Some(scheduler) = run.scheduler.as_mut() else {
+                continue;
+            };
+            let actions = scheduler.handle(Event::Tick, now);
+            if !actions.is_empty() {
+                ticked.push((run_id.clone(), actions));
+            }
+            if status_due {
+                run.refresh_status(&self.agents);
             }
         }
         for (run_id, actions) in ticked {
