@@ -30,12 +30,14 @@ use crate::scheduler::{Action, AgentSlot, Event, LeaseStatus, Scheduler, WorkerK
 use crate::store::{History, Store, Write};
 use crate::units::{self, Dist};
 
+mod followers;
 mod reruns;
 mod resume;
 mod snapshot;
 
+pub use followers::{channel as follower_channel, FollowerStream, FollowerTx};
+
 pub type AgentTx = mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>;
-pub type FollowerTx = mpsc::UnboundedSender<Result<RunEvent, Status>>;
 
 /// Everything the outside world can tell the dispatcher.
 pub enum Input {
@@ -253,7 +255,7 @@ struct RunState {
     /// Phase reports of current leases, until the test finishes.
     phases: HashMap<u64, CurrentAttempt>,
     counts: Counts,
-    followers: Vec<FollowerTx>,
+    followers: followers::Followers,
     /// The message of the last status sent to followers, repeated by the periodic ones (a
     /// client prints a status's message when it changes).
     last_message: String,
@@ -268,8 +270,17 @@ impl RunState {
         if let run_event::Kind::Status(status) = &event {
             self.last_message.clone_from(&status.message);
         }
-        let event = RunEvent { kind: Some(event) };
-        self.followers.retain(|f| f.send(Ok(event.clone())).is_ok());
+        self.followers.send(RunEvent { kind: Some(event) });
+    }
+
+    /// Sends followers a test's final result, whose write to the store is already queued (a
+    /// follower that fell behind gets it read back from there).
+    fn broadcast_stored_result(&mut self, result: TestResult) {
+        let test_index = result.test_index;
+        let event = RunEvent {
+            kind: Some(run_event::Kind::Result(result)),
+        };
+        self.followers.send_stored_result(test_index, event);
     }
 
     /// Sends followers a status with a fresh ETA and the last message again (a client prints
@@ -420,6 +431,7 @@ impl Dispatcher {
         let status_due = self.ticks.is_multiple_of(STATUS_TICKS);
         let mut ticked = Vec::new();
         for (run_id, run) in &mut self.runs {
+            run.followers.catch_up(&self.store, run_id);
             let Some(scheduler) = run.scheduler.as_mut() else {
                 continue;
             };
@@ -1347,7 +1359,7 @@ impl Dispatcher {
             agent_id: attempt.agent_id.clone(),
             worker: attempt.worker,
         });
-        run.broadcast(run_event::Kind::Result(result));
+        run.broadcast_stored_result(result);
         self.record_result_details(run_id, test, flaky);
     }
 
@@ -1419,7 +1431,7 @@ impl Dispatcher {
             scheduler: None,
             phases: HashMap::new(),
             counts: Counts::default(),
-            followers: vec![tx],
+            followers: followers::Followers::new(tx),
             last_message: String::new(),
             reruns: reruns::Reruns {
                 limit: request.reruns,
@@ -1448,12 +1460,12 @@ impl Dispatcher {
         match self.runs.get_mut(run_id) {
             Some(run) => {
                 let status = run.status(&self.agents, "following".into());
-                let _ = tx.send(Ok(RunEvent {
+                tx.send(Ok(RunEvent {
                     kind: Some(run_event::Kind::Status(status)),
                 }));
                 if run.phase == RunPhase::Finished {
                     // Finished runs keep no followers; the store has their results.
-                    let _ = tx.send(Err(Status::failed_precondition(format!(
+                    tx.send(Err(Status::failed_precondition(format!(
                         "run {run_id} has finished"
                     ))));
                 } else {
@@ -1461,7 +1473,7 @@ impl Dispatcher {
                 }
             }
             None => {
-                let _ = tx.send(Err(Status::not_found(format!(
+                tx.send(Err(Status::not_found(format!(
                     "no run {run_id} in progress or recently finished here; \
                      `fly-coordinator runs --db <the coordinator's database>` lists recorded runs"
                 ))));
@@ -1593,14 +1605,10 @@ impl Dispatcher {
                 self.runs.remove(&oldest);
             }
         }
+        let told = followers.finish(&self.store, run_id, finished);
         let store = self.store.clone();
         tokio::spawn(async move {
-            if let Err(err) = store.flush().await {
-                warn!(%err, "store flush before reporting a finished run failed");
-            }
-            for follower in followers {
-                let _ = follower.send(Ok(finished.clone()));
-            }
+            told.await;
             if let Some(record) = record_history {
                 store.write(record);
             }
@@ -1660,7 +1668,7 @@ mod tests {
         let now = Instant::now();
         let mut ids = Vec::new();
         for _ in 0..MAX_FINISHED_RUNS + 3 {
-            let (follower, _events) = mpsc::unbounded_channel();
+            let (follower, _events) = follower_channel();
             let (reply, _reply) = oneshot::channel();
             let request = SubmitRequest {
                 protocol_version: PROTOCOL_VERSION,
@@ -1694,7 +1702,7 @@ mod tests {
         assert!(dispatcher.runs.values().all(|run| run.history.is_none()));
 
         let follow = |dispatcher: &mut Dispatcher, run_id: &str| {
-            let (tx, mut rx) = mpsc::unbounded_channel();
+            let (tx, mut rx) = follower_channel();
             dispatcher.handle(
                 Input::Follow {
                     run_id: run_id.to_string(),
@@ -1703,7 +1711,7 @@ mod tests {
                 now,
             );
             let mut events = Vec::new();
-            while let Ok(event) = rx.try_recv() {
+            while let Some(event) = rx.try_recv() {
                 events.push(event);
             }
             events

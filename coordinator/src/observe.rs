@@ -148,6 +148,9 @@ pub struct RunNow {
     pub capacity: f64,
     /// remaining / capacity; None while no worker serves the run or nothing is scheduled yet.
     pub eta_seconds: Option<f64>,
+    /// Clients following the run that fell behind it: they get its results read back from
+    /// the database.
+    pub followers_behind: u32,
 }
 
 /// A snapshot of the coordinator.
@@ -436,6 +439,18 @@ pub fn render_metrics(observation: &Observation, target_seconds: f64) -> String 
         int_gauge(running),
     );
     registry.register(
+        "fly_followers_behind",
+        "Clients following a run that fell behind it and get its results read back from the \
+         database",
+        int_gauge(
+            observation
+                .runs
+                .iter()
+                .map(|r| r.followers_behind as usize)
+                .sum(),
+        ),
+    );
+    registry.register(
         "fly_runs_active",
         "Runs submitted and not finished",
         int_gauge(observation.runs.len()),
@@ -604,6 +619,7 @@ mod tests {
                 remaining_seconds: 1200.0,
                 capacity: 4.0,
                 eta_seconds: Some(300.0),
+                followers_behind: 1,
             }],
             agents: vec![agent],
             metrics: watch.metrics().clone(),
@@ -612,6 +628,7 @@ mod tests {
         for line in [
             "fly_tests_queued 7",
             "fly_tests_running 1",
+            "fly_followers_behind 1",
             "fly_agents 1",
             "fly_workers_busy 1",
             "fly_workers_idle 1",

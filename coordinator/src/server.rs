@@ -30,7 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::auth::TokenCheck;
-use crate::dispatcher::{DispatcherHandle, Input};
+use crate::dispatcher::{follower_channel, DispatcherHandle, Input};
 use crate::scheduler::AgentSlot;
 use crate::units::Dist;
 
@@ -226,7 +226,7 @@ impl Runs for Service {
         if let Err(reason) = request.dist.parse::<Dist>() {
             return Err(Status::invalid_argument(reason));
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = follower_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
         let watch = tx.clone();
         if !self.dispatcher.send(Input::Submit {
@@ -244,7 +244,7 @@ impl Runs for Service {
             watch.closed().await;
             dispatcher.send(Input::SubmitterGone { run_id });
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx)))
     }
 
     async fn follow(
@@ -258,14 +258,14 @@ impl Runs for Service {
                 "client",
             )));
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = follower_channel();
         if !self.dispatcher.send(Input::Follow {
             run_id: request.run_id,
             tx,
         }) {
             return Err(Self::unavailable());
         }
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx)))
     }
 
     async fn cancel(

@@ -23,9 +23,10 @@ use fly_tests::sandbox::Sandbox;
 use fly_tests::{poll_until, HANG_GUARD};
 
 /// Every metric family `/metrics` must name.
-const FAMILIES: [&str; 10] = [
+const FAMILIES: [&str; 11] = [
     "fly_tests_queued",
     "fly_tests_running",
+    "fly_followers_behind",
     "fly_agents",
     "fly_workers_busy",
     "fly_workers_idle",
@@ -64,7 +65,12 @@ def test_fails():
 
 /// `fly-coordinator serve` with the HTTP port on an ephemeral loopback port, and its two
 /// announced URLs (gRPC, dashboard).
-fn serve(cwd: &Path, db: &Path, args: &[&str], env: &[(&str, &str)]) -> (Proc, String, String) {
+pub(crate) fn serve(
+    cwd: &Path,
+    db: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, String, String) {
     let mut command = Command::new(fly_binary("fly-coordinator"));
     command
         .args([
@@ -98,7 +104,7 @@ fn serve(cwd: &Path, db: &Path, args: &[&str], env: &[(&str, &str)]) -> (Proc, S
 }
 
 /// A plain HTTP/1.1 GET; returns the status and the body.
-fn get(host: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+pub(crate) fn get(host: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let mut stream =
         TcpStream::connect(host).unwrap_or_else(|e| panic!("connecting to {host}: {e}"));
     stream
@@ -135,7 +141,7 @@ fn get_ok(host: &str, path: &str) -> String {
 }
 
 /// The value of an unlabelled sample, or the sum over a labelled family's samples.
-fn metric(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
     let values: Vec<f64> = text
         .lines()
         .filter(|l| !l.starts_with('#'))

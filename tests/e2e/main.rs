@@ -19,5 +19,6 @@ mod netns;
 mod plan;
 mod report;
 mod reruns;
+mod slow_client;
 mod terminal;
 mod tls;

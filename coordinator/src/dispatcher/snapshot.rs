@@ -63,6 +63,7 @@ impl Dispatcher {
                     remaining_seconds: remaining,
                     capacity,
                     eta_seconds,
+                    followers_behind: to_u32(run.followers.behind()),
                 }
             })
             .collect();

@@ -512,6 +512,7 @@ mod tests {
             remaining_seconds: 0.01,
             capacity: 2.0,
             eta_seconds: Some(0.005),
+            followers_behind: 0,
         };
         let mut watch = Watch::new();
         watch.agent_joined(

@@ -27,6 +27,7 @@
 
 mod history;
 mod keys;
+mod results;
 mod resume;
 mod retention;
 mod schema;
@@ -38,7 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use fly_common::proto::{PhaseReport, Topology};
+use fly_common::proto::{PhaseReport, TestResult, Topology};
 use rusqlite::{params, Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
@@ -513,6 +514,28 @@ impl Store {
             tokio::task::spawn_blocking(move || resume::load(&task_path, &given, busy_timeout))
                 .await
                 .map_err(|source| StoreError::ReadTask { path, source })?
+        }
+    }
+
+    /// Reads the final results of `run_id`'s tests `indexes`, as the dispatcher streamed them,
+    /// on a read-only connection from tokio's blocking pool: what a follower that fell behind
+    /// the run missed. Sees what was committed when it starts: flush first. Tests without a
+    /// recorded result are left out.
+    pub fn read_results(
+        &self,
+        run_id: &str,
+        indexes: Vec<u32>,
+    ) -> impl Future<Output = Result<Vec<TestResult>, StoreError>> + Send + 'static {
+        let path = self.path.to_path_buf();
+        let run_id = run_id.to_owned();
+        let busy_timeout = self.busy_timeout;
+        async move {
+            let task_path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                results::read(&task_path, &run_id, &indexes, busy_timeout)
+            })
+            .await
+            .map_err(|source| StoreError::ReadTask { path, source })?
         }
     }
 

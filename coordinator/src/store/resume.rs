@@ -17,10 +17,11 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-use fly_common::outcome::{Counts, Phase};
-use fly_common::proto::{PhaseResult, Section, TestResult};
+use fly_common::outcome::Counts;
+use fly_common::proto::TestResult;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use super::results::{add_phase, phase_from_row, trim, PHASE_COLUMNS};
 use super::{object_json, schema, StoreError, STATUS_CREATED, STATUS_RUNNING};
 
 /// Status of a run that was cancelled or whose coordinator stopped before it ended.
@@ -291,47 +292,22 @@ fn run_results(conn: &Connection, run_id: &str) -> rusqlite::Result<Vec<TestResu
         // Results without a single report: each counts as an error.
         return Ok(by_index.into_values().map(|(_, r)| r).collect());
     };
-    let mut statement = conn.prepare(
-        "SELECT test_index, lease, phase, outcome, category, duration, longrepr, sections,
-             message, start, stop
-         FROM reports WHERE id BETWEEN ?2 AND ?3 AND +run_id = ?1 ORDER BY id",
-    )?;
+    let mut statement = conn.prepare(&format!(
+        "SELECT test_index, lease, {PHASE_COLUMNS}
+         FROM reports WHERE id BETWEEN ?2 AND ?3 AND +run_id = ?1 ORDER BY id"
+    ))?;
     let rows = statement.query_map(params![run_id, first, last], |row| {
         let index: i64 = row.get(0)?;
         let lease: i64 = row.get(1)?;
-        let phase: Option<String> = row.get(2)?;
-        let sections: Option<String> = row.get(7)?;
-        Ok((
-            index,
-            lease as u64,
-            PhaseResult {
-                phase: phase
-                    .as_deref()
-                    .and_then(Phase::parse)
-                    .map(|p| p.to_proto() as i32)
-                    .unwrap_or(0),
-                outcome: row.get(3)?,
-                category: row.get(4)?,
-                duration: row.get(5)?,
-                longrepr: row.get::<_, Option<String>>(6)?.unwrap_or_default(),
-                sections: sections.as_deref().map(parse_sections).unwrap_or_default(),
-                message: row.get::<_, Option<String>>(8)?.unwrap_or_default(),
-                start: row.get(9)?,
-                stop: row.get(10)?,
-            },
-        ))
+        Ok((index, lease as u64, phase_from_row(row, 2)?))
     })?;
     for row in rows {
         let (index, lease, phase) = row?;
-        let Some((counted, result)) = by_index.get_mut(&index) else {
-            continue;
-        };
-        // Only the attempt that counts, and only the first report of each phase (the
-        // dispatcher ignored duplicates too).
-        if *counted != lease || result.phases.iter().any(|p| p.phase == phase.phase) {
-            continue;
+        // Only the attempt that counts.
+        match by_index.get_mut(&index) {
+            Some((counted, result)) if *counted == lease => add_phase(result, phase),
+            _ => {}
         }
-        result.phases.push(phase);
     }
     let mut results: Vec<TestResult> = by_index.into_values().map(|(_, r)| r).collect();
     for result in &mut results {
@@ -339,35 +315,6 @@ fn run_results(conn: &Connection, run_id: &str) -> rusqlite::Result<Vec<TestResu
     }
     results.sort_by_key(|r| r.test_index);
     Ok(results)
-}
-
-/// Keeps what a client prints or exports of a result, as the dispatcher does for live ones.
-fn trim(result: &mut TestResult) {
-    let interesting = matches!(result.outcome.as_str(), "failed" | "error")
-        || result
-            .phases
-            .iter()
-            .any(|p| p.category == "error" || p.category == "failed");
-    for phase in &mut result.phases {
-        if !interesting && phase.category != "skipped" {
-            phase.longrepr.clear();
-        }
-        if !interesting {
-            phase.sections.clear();
-        }
-    }
-}
-
-/// `[[name, text], ...]` as the store writes captured output; anything else reads as none.
-fn parse_sections(json: &str) -> Vec<Section> {
-    serde_json::from_str::<Vec<(String, String)>>(json)
-        .map(|pairs| {
-            pairs
-                .into_iter()
-                .map(|(name, text)| Section { name, text })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// What a result adds to pytest's counts: the category of each of its phase reports, or one
@@ -446,6 +393,7 @@ pub(super) fn mark_abandoned(
 #[cfg(test)]
 mod tests {
 
+    use fly_common::outcome::Phase;
     use fly_common::proto::{CollectedTest, PhaseReport, Section};
 
     use crate::collection::Collection;
