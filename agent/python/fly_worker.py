@@ -563,6 +563,8 @@ class FlyWorkerPlugin:
         # was revoked, the stack must be torn down to whatever really runs next.
         self.stack_for = None
         self.fixup_for = None
+        # The lease of the nextitem given to the test started last: not given back on revoke.
+        self.committed = None
 
     # --- the agent's messages (reader thread) ---------------------------------------------
 
@@ -626,6 +628,10 @@ class FlyWorkerPlugin:
         elif kind == "revoke":
             wanted = set(msg["leases"])
             with self.cond:
+                if not msg.get("all"):
+                    # pytest tears down after a test only what its nextitem does not share, so
+                    # that one stays: moving it would put the teardown off into another test.
+                    wanted.discard(self.committed)
                 removed = [lease for lease, _ in self.queue if lease in wanted]
                 if removed:
                     kept = [entry for entry in self.queue if entry[0] not in wanted]
@@ -948,6 +954,7 @@ class FlyWorkerPlugin:
                     return
                 lease, index = queue.popleft()
                 following = queue[0][1] if queue else None
+                self.committed = queue[0][0] if queue else None
                 self._want_if_needed()
             item = items[index]
             nextitem = items[following] if following is not None else None

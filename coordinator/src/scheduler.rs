@@ -199,10 +199,6 @@ const MIN_BATCH_SECONDS: f64 = 0.02;
 const UNKNOWN_TEST_SECONDS: f64 = 0.1;
 /// Taking back tests that would start less than this much sooner is not worth a round trip.
 const MIN_TAKE_BACK_SECONDS: f64 = 0.01;
-/// A worker's next item (the test after the one it runs) is taken back only when it would
-/// start at least this much sooner: pytest has kept the fixtures it shares with the running
-/// test up for it, and moving it puts their teardown off into another test's setup.
-const NEXT_ITEM_TAKE_BACK_SECONDS: f64 = 1.0;
 /// A worker this much slower than the fastest leaves long tests to faster ones.
 const SLOW_WORKER: f64 = 0.8;
 /// How many times a test may be requeued because the worker or agent running it was lost.
@@ -1066,9 +1062,12 @@ impl Scheduler {
     /// A worker's backlog is what it still has to do: the rest of its running test and the
     /// tests it holds unstarted. The tail taken is what evens out the two workers' ends; it is
     /// worth a round trip when the first test taken starts [`MIN_TAKE_BACK_SECONDS`] sooner
-    /// on `idle` than it would have on its worker (for the worker's next item,
-    /// [`NEXT_ITEM_TAKE_BACK_SECONDS`]). So a few tiny tests stuck behind a test that runs far
-    /// past its expected time are taken back too.
+    /// on `idle` than it would have on its worker. So a few tiny tests stuck behind a test that
+    /// runs far past its expected time are taken back too.
+    ///
+    /// A worker's next item (the first it holds unstarted) is never taken: pytest ran the test
+    /// before it with that `nextitem` and kept the fixtures they share set up for it, so moving
+    /// it would put their teardown off into another test's setup (the worker refuses too).
     fn take_back(&mut self, idle: WorkerKey, actions: &mut Vec<Action>) -> Option<WorkerKey> {
         // The worker with the largest backlog, and that backlog.
         let mut best: Option<(WorkerKey, f64)> = None;
@@ -1089,22 +1088,27 @@ impl Scheduler {
             if ceiling < MIN_TAKE_BACK_SECONDS || best.is_some_and(|(_, b)| ceiling <= b) {
                 continue;
             }
-            let (tests, work) = state
-                .unstarted()
+            // Its next item stays (see below), and runs before the rest.
+            let mut unstarted = state.unstarted();
+            let next = unstarted
+                .next()
+                .and_then(|l| self.lease(l))
+                .map_or(0.0, |info| self.cost(info.test) / speed);
+            let (tests, work) = unstarted
                 .filter(|l| !self.revoking.contains(l))
                 .filter_map(|l| self.lease(l))
                 .filter(|info| !self.is_grouped(info.test))
                 .fold((0usize, 0.0), |(n, work), info| {
                     (n + 1, work + self.cost(info.test) / speed)
                 });
-            if tests > 0 && best.is_none_or(|(_, b)| wait + work > b) {
-                best = Some((*key, wait + work));
+            let backlog = wait + next + work;
+            if tests > 0 && best.is_none_or(|(_, b)| backlog > b) {
+                best = Some((*key, backlog));
             }
         }
         let (victim, backlog) = best?;
         let state = self.workers.get(&victim)?;
         let speed = self.agent_speed(victim.agent);
-        let wait = self.running_wait(state, speed, self.now);
         let next_item = state.unstarted().next();
         let idle_speed = self.agent_speed(idle.agent);
         let mut taken = Vec::new();
@@ -1126,7 +1130,7 @@ impl Scheduler {
             if self.is_grouped(info.test) {
                 continue;
             }
-            if Some(lease) == next_item && wait < NEXT_ITEM_TAKE_BACK_SECONDS {
+            if Some(lease) == next_item {
                 break;
             }
             let cost = self.cost(info.test);
@@ -1640,9 +1644,10 @@ mod tests {
             vec![Action::NoWork { worker: w(1, 0) }]
         );
         assert_eq!(sched.handle(Event::Tick, t0 + 2 * ms), vec![]);
-        // Two seconds in, the first test is far past its time: everything behind it moves.
+        // Two seconds in, the first test is far past its time: everything behind it moves but
+        // its next item.
         let actions = sched.handle(Event::Tick, t0 + Duration::from_secs(2));
-        let unstarted: Vec<u64> = held[1..].iter().map(|l| l.lease).collect();
+        let unstarted: Vec<u64> = held[2..].iter().map(|l| l.lease).collect();
         assert_eq!(
             actions,
             vec![Action::Revoke {
@@ -1669,7 +1674,7 @@ mod tests {
         );
         let mut tests: Vec<u32> = moved.iter().map(|l| l.test).collect();
         tests.sort_unstable();
-        assert_eq!(tests, (1..20).collect::<Vec<u32>>());
+        assert_eq!(tests, (2..20).collect::<Vec<u32>>());
     }
 
     #[test]
@@ -1715,7 +1720,7 @@ mod tests {
         let actions = sched.handle(Event::WantWork(w(2, 0)), sec(10));
         assert!(
             matches!(&actions[..], [Action::Revoke { worker, leases }]
-                if *worker == w(0, 0) && leases.len() == 19),
+                if *worker == w(0, 0) && leases.len() == 18),
             "{actions:?}"
         );
     }
@@ -1787,9 +1792,9 @@ mod tests {
     }
 
     #[test]
-    fn a_next_item_stays_with_its_worker_unless_it_would_start_a_second_sooner() {
-        // (0,0) runs a 0.5 s test and holds the two 0.3 s tests after it.
-        let mut sched = known(&[0.5, 0.3, 0.3]);
+    fn a_next_item_stays_with_its_worker_however_long_it_would_wait() {
+        // (0,0) runs a 5 s test and holds the two 0.3 s tests after it.
+        let mut sched = known(&[5.0, 0.3, 0.3]);
         sched.add_agent(0, 1, 1.0);
         let t0 = Instant::now();
         let mut held = assigned(&sched.handle(Event::WantWork(w(0, 0)), t0));
@@ -1831,12 +1836,14 @@ mod tests {
 
     #[test]
     fn taken_back_work_goes_to_the_worker_waiting_for_it_never_to_a_parked_one() {
-        // Worker (0,0) runs a long test and holds one more unstarted; (1,0) arrives and waits
-        // for that one to be taken back; (2,0) arrives after it and finds nothing to take.
-        let mut sched = known(&[5.0, 1.0]);
+        // Worker (0,0) runs a long test and holds two more unstarted; (1,0) arrives and waits
+        // for the last to be taken back; (2,0) arrives after it and finds nothing to take.
+        let mut sched = known(&[5.0, 1.0, 1.0]);
         let now = Instant::now();
-        let held = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
-        assert_eq!(held.len(), 2, "the long test and the one to follow it");
+        let mut held = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
+        while held.len() < 3 {
+            held.extend(assigned(&sched.handle(Event::WantWork(w(0, 0)), now)));
+        }
         sched.handle(
             Event::Started {
                 lease: held[0].lease,
@@ -1848,7 +1855,7 @@ mod tests {
             waiting,
             vec![Action::Revoke {
                 worker: w(0, 0),
-                leases: vec![held[1].lease]
+                leases: vec![held[2].lease]
             }]
         );
         let parked = sched.handle(Event::WantWork(w(2, 0)), now);
@@ -1856,7 +1863,7 @@ mod tests {
         let given = sched.handle(
             Event::Revoked {
                 worker: w(0, 0),
-                leases: vec![held[1].lease],
+                leases: vec![held[2].lease],
             },
             now,
         );
@@ -1984,11 +1991,14 @@ mod tests {
 
     #[test]
     fn a_lost_agents_tests_go_to_waiting_workers_and_late_reports_are_superseded() {
-        // A long test and the one to follow it: worth taking back while the long one runs.
-        let mut sched = known(&[2.0, 0.5]);
+        // A long test and two to follow it: the last is worth taking back while the long one
+        // runs.
+        let mut sched = known(&[2.0, 0.5, 0.5]);
         let now = Instant::now();
-        let first = assigned(&sched.handle(Event::WantWork(w(1, 0)), now));
-        assert_eq!(first.len(), 2);
+        let mut first = assigned(&sched.handle(Event::WantWork(w(1, 0)), now));
+        while first.len() < 3 {
+            first.extend(assigned(&sched.handle(Event::WantWork(w(1, 0)), now)));
+        }
         sched.handle(
             Event::Started {
                 lease: first[0].lease,
@@ -2002,15 +2012,25 @@ mod tests {
             waiting,
             vec![Action::Revoke {
                 worker: w(1, 0),
-                leases: vec![first[1].lease]
+                leases: vec![first[2].lease]
             }]
         );
         let requeued = sched.handle(Event::AgentLost(1), now);
-        let again = assigned(&requeued);
+        let mut again = assigned(&requeued);
+        assert!(!again.is_empty(), "the waiting worker gets work at once");
+        loop {
+            let more = assigned(&sched.handle(Event::WantWork(w(2, 0)), now));
+            if more.is_empty() {
+                break;
+            }
+            again.extend(more);
+        }
+        let mut tests: Vec<u32> = again.iter().map(|l| l.test).collect();
+        tests.sort_unstable();
         assert_eq!(
-            again.iter().map(|l| l.test).collect::<Vec<_>>(),
-            vec![0, 1],
-            "both tests, in their original order, pushed to the parked worker"
+            tests,
+            vec![0, 1, 2],
+            "every test of the lost agent runs again"
         );
         assert!(matches!(
             sched.lease_status(first[0].lease),

@@ -126,8 +126,12 @@ pub enum AgentMessage {
         tests: Vec<(u64, u32)>,
     },
     Nomore,
+    /// Give back those of `leases` not started. Without `all`, the worker keeps the test it
+    /// gave the test it runs (or ran last) as pytest's `nextitem`: pytest kept the fixtures
+    /// they share set up for it. A draining worker gives back everything.
     Revoke {
         leases: Vec<u64>,
+        all: bool,
     },
     Shutdown,
     /// Fork server only: fork worker `worker` (a new id) as `PYTEST_XDIST_WORKER=gw<slot>`,

@@ -377,7 +377,7 @@ impl Supervisor {
                 AgentMessage::Run { tests: leases }
             }
             Command::NoMore => AgentMessage::Nomore,
-            Command::Revoke(leases) => AgentMessage::Revoke { leases },
+            Command::Revoke(leases) => AgentMessage::Revoke { leases, all: false },
             Command::Shutdown => {
                 self.leaving = true;
                 AgentMessage::Shutdown
@@ -391,7 +391,9 @@ impl Supervisor {
                 let leases: Vec<u64> = self.unstarted.iter().map(|(lease, _)| *lease).collect();
                 if !leases.is_empty() {
                     // Answered with `revoked`, naming those it had not started yet.
-                    let _ = self.to_worker.send(AgentMessage::Revoke { leases });
+                    let _ = self
+                        .to_worker
+                        .send(AgentMessage::Revoke { leases, all: true });
                 }
                 AgentMessage::Shutdown
             }
