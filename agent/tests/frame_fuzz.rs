@@ -201,6 +201,15 @@ fn check_body(body: &[u8]) -> Result<(), TestCaseError> {
         return Ok(());
     }
     let generic: Result<WorkerMessage, _> = serde_json::from_slice(body);
+    // Nor for a number beyond f64 in a field nobody reads: the quick decoding skips it, the
+    // generic one parses it while holding every field and fails.
+    if generic
+        .as_ref()
+        .is_err_and(|e| e.to_string().contains("number out of range"))
+        && quick.is_ok()
+    {
+        return Ok(());
+    }
     prop_assert_eq!(
         quick.as_ref().ok(),
         generic.as_ref().ok(),

@@ -4,18 +4,20 @@
 //! A follower's events go down a channel to its gRPC stream, which counts the bytes waiting in
 //! it ([`FollowerTx::queued_bytes`]). While under [`QUEUE_LIMIT`] bytes wait, every event is
 //! sent as it happens. A follower that stops reading (a suspended terminal, a slow link) fills
-//! its channel to the limit and falls *behind*: from then on the dispatcher keeps for it only
-//! the test indexes of the results it did not send (4 bytes each) and its latest status, and
-//! every tick hands them to the follower's catch-up task. That task reads those results back
-//! from the store once they are committed and sends them as the channel drains, never letting
-//! more than the limit (and one page) wait. A follower behind stays on that path until the run
-//! ends, and the run's end reaches it the same way, after its results.
+//! its channel to the limit and falls *behind*: the dispatcher then holds its events until the
+//! next tick. At the tick, a follower that has drained its channel to half the limit gets them
+//! and is live again (a hiccup costs nothing more). One still full has them handed to its
+//! catch-up task, results as test indexes only (4 bytes each): the task reads those results
+//! back from the store once they are committed and sends them as the channel drains, never
+//! letting more than the limit (and one page) wait. The run's end reaches a follower behind
+//! the same way, after its results.
 //!
 //! So every follower gets every result exactly once, and the end last; the coordinator holds
-//! about [`QUEUE_LIMIT`] bytes per follower, plus 4 bytes per result a follower behind has yet
-//! to get. Results the store cannot give back as they were streamed (a resumed run's carried
-//! results, a test lost with its workers whose error the dispatcher makes up) are kept whole
-//! even for a follower behind: they are few, or were held in memory anyway.
+//! about [`QUEUE_LIMIT`] bytes per follower, one tick of events, and 4 bytes per result a
+//! stalled follower has yet to get. Results the store cannot give back as they were streamed
+//! (a resumed run's carried results, a test lost with its workers whose error the dispatcher
+//! makes up) are kept whole even for a stalled follower: they are few, or were held in memory
+//! anyway.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,7 +29,7 @@ use fly_common::proto::{run_event, RunEvent};
 use prost::Message as _;
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use crate::store::Store;
 
@@ -157,17 +159,29 @@ enum CatchUp {
     Event(RunEvent),
 }
 
-/// What the dispatcher keeps for a follower behind, between ticks.
+/// An event held for a follower behind until the next tick.
+enum Held {
+    /// A result the store holds: its test index is all that is kept once handed over.
+    Stored(u32, RunEvent),
+    Event(RunEvent),
+}
+
+/// A follower's catch-up task.
+struct Task {
+    commands: mpsc::UnboundedSender<CatchUp>,
+    /// Commands sent and not yet carried out.
+    pending: Arc<AtomicUsize>,
+}
+
+/// What the dispatcher keeps for a follower behind.
 #[derive(Default)]
 struct Behind {
-    /// Test indexes of stored results not sent yet.
-    missed: Vec<u32>,
-    /// Other events, in order.
-    events: Vec<RunEvent>,
-    /// The newest status (older ones are stale by then).
+    /// The events since the last tick, in order, but for statuses.
+    window: Vec<Held>,
+    /// The newest status of the window (older ones are stale by then).
     status: Option<RunEvent>,
-    /// The catch-up task, once started (at the first tick after falling behind).
-    task: Option<mpsc::UnboundedSender<CatchUp>>,
+    /// The catch-up task, once anything was handed over.
+    task: Option<Task>,
 }
 
 struct Follower {
@@ -222,10 +236,9 @@ impl Followers {
                 if follower.tx.is_closed() {
                     return false;
                 }
-                info!(
+                debug!(
                     queued_bytes = follower.tx.queued_bytes(),
-                    "a follower is not keeping up with its run; it gets the rest of the \
-                     run's results read back from the database"
+                    "a follower fell behind its run"
                 );
                 follower.behind = Some(Behind::default());
             }
@@ -233,22 +246,29 @@ impl Followers {
                 return true;
             };
             match (stored, &event.kind) {
-                (Some(index), _) => behind.missed.push(index),
+                (Some(index), _) => behind.window.push(Held::Stored(index, event.clone())),
                 (None, Some(run_event::Kind::Status(_))) => behind.status = Some(event.clone()),
-                (None, _) => behind.events.push(event.clone()),
+                (None, _) => behind.window.push(Held::Event(event.clone())),
             }
             true
         });
     }
 
-    /// Hands what each follower behind missed since the last tick to its catch-up task,
-    /// starting the task the first time. Called every tick.
+    /// Every tick: a follower behind that has drained its channel and has nothing left with
+    /// its catch-up task gets the tick's events and is live again; the others' events are
+    /// handed to their catch-up task (results as test indexes only).
     pub(super) fn catch_up(&mut self, store: &Store, run_id: &str) {
-        self.list
-            .retain_mut(|follower| match follower.behind.as_mut() {
-                Some(behind) => behind.hand_over(&follower.tx, store, run_id),
-                None => true,
-            });
+        self.list.retain_mut(|follower| {
+            let Some(behind) = follower.behind.as_mut() else {
+                return true;
+            };
+            if behind.caught_up(&follower.tx) {
+                let alive = behind.send_window(&follower.tx);
+                follower.behind = None;
+                return alive;
+            }
+            behind.hand_over(&follower.tx, store, run_id)
+        });
     }
 
     /// The run has ended with `finished`: a follower that kept up gets it once every write of
@@ -263,8 +283,13 @@ impl Followers {
         let mut live = Vec::new();
         for mut follower in self.list.drain(..) {
             match follower.behind.as_mut() {
+                Some(behind) if behind.caught_up(&follower.tx) => {
+                    if behind.send_window(&follower.tx) {
+                        live.push(follower.tx);
+                    }
+                }
                 Some(behind) => {
-                    behind.events.push(finished.clone());
+                    behind.window.push(Held::Event(finished.clone()));
                     behind.hand_over(&follower.tx, store, run_id);
                 }
                 None => live.push(follower.tx),
@@ -283,29 +308,69 @@ impl Followers {
 }
 
 impl Behind {
-    /// Sends what is pending to the catch-up task. False when the follower is gone.
+    /// Whether the follower has taken what it was sent (its channel is at most half full)
+    /// and its catch-up task has nothing left, so the window can go to it as it is.
+    fn caught_up(&self, tx: &FollowerTx) -> bool {
+        self.task
+            .as_ref()
+            .is_none_or(|task| task.pending.load(Ordering::Acquire) == 0)
+            && tx.queued_bytes() <= QUEUE_LIMIT / 2
+    }
+
+    /// Sends the window straight to the follower. False when the follower is gone.
+    fn send_window(&mut self, tx: &FollowerTx) -> bool {
+        let mut alive = true;
+        for held in self.window.drain(..) {
+            let (Held::Stored(_, event) | Held::Event(event)) = held;
+            alive &= tx.send(Ok(event));
+        }
+        if let Some(status) = self.status.take() {
+            alive &= tx.send(Ok(status));
+        }
+        alive
+    }
+
+    /// Hands the window to the catch-up task, results as test indexes only. False when the
+    /// follower is gone.
     fn hand_over(&mut self, tx: &FollowerTx, store: &Store, run_id: &str) -> bool {
-        if self.missed.is_empty() && self.events.is_empty() && self.status.is_none() {
+        if self.window.is_empty() && self.status.is_none() {
             return !tx.is_closed();
         }
         let task = self.task.get_or_insert_with(|| {
             let (commands, receiver) = mpsc::unbounded_channel();
+            let pending = Arc::new(AtomicUsize::new(0));
             tokio::spawn(catch_up(
                 store.clone(),
                 run_id.to_string(),
                 tx.clone(),
                 receiver,
+                pending.clone(),
             ));
-            commands
+            Task { commands, pending }
         });
-        let mut alive = true;
-        if !self.missed.is_empty() {
-            alive &= task
-                .send(CatchUp::Results(std::mem::take(&mut self.missed)))
-                .is_ok();
+        let mut commands = Vec::new();
+        let mut indexes = Vec::new();
+        for held in self.window.drain(..) {
+            match held {
+                Held::Stored(index, _) => indexes.push(index),
+                Held::Event(event) => {
+                    if !indexes.is_empty() {
+                        commands.push(CatchUp::Results(std::mem::take(&mut indexes)));
+                    }
+                    commands.push(CatchUp::Event(event));
+                }
+            }
         }
-        for event in self.status.take().into_iter().chain(self.events.drain(..)) {
-            alive &= task.send(CatchUp::Event(event)).is_ok();
+        if !indexes.is_empty() {
+            commands.push(CatchUp::Results(indexes));
+        }
+        if let Some(status) = self.status.take() {
+            commands.push(CatchUp::Event(status));
+        }
+        let mut alive = true;
+        for command in commands {
+            task.pending.fetch_add(1, Ordering::AcqRel);
+            alive &= task.commands.send(command).is_ok();
         }
         alive
     }
@@ -319,49 +384,54 @@ async fn catch_up(
     run_id: String,
     tx: FollowerTx,
     mut commands: mpsc::UnboundedReceiver<CatchUp>,
+    pending: Arc<AtomicUsize>,
 ) {
     while let Some(command) = commands.recv().await {
-        match command {
-            CatchUp::Event(event) => {
-                if !tx.room().await || !tx.send(Ok(event)) {
-                    return;
-                }
+        if !carry_out(command, &store, &run_id, &tx).await {
+            return;
+        }
+        pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Sends what one command names. False when the follower is gone or cannot be served.
+async fn carry_out(command: CatchUp, store: &Store, run_id: &str, tx: &FollowerTx) -> bool {
+    let indexes = match command {
+        CatchUp::Event(event) => return tx.room().await && tx.send(Ok(event)),
+        CatchUp::Results(indexes) => indexes,
+    };
+    if let Err(err) = store.flush().await {
+        give_up(tx, run_id, &err.to_string());
+        return false;
+    }
+    for page in indexes.chunks(PAGE) {
+        if !tx.room().await {
+            return false;
+        }
+        let results = match read_page(store, run_id, page).await {
+            Ok(results) => results,
+            Err(err) => {
+                give_up(tx, run_id, &err);
+                return false;
             }
-            CatchUp::Results(indexes) => {
-                if let Err(err) = store.flush().await {
-                    give_up(&tx, &run_id, &err.to_string());
-                    return;
-                }
-                for page in indexes.chunks(PAGE) {
-                    if !tx.room().await {
-                        return;
-                    }
-                    let results = match read_page(&store, &run_id, page).await {
-                        Ok(results) => results,
-                        Err(err) => {
-                            give_up(&tx, &run_id, &err);
-                            return;
-                        }
-                    };
-                    if results.len() < page.len() {
-                        warn!(
-                            run = %run_id,
-                            missing = page.len() - results.len(),
-                            "results a follower missed are not in the database"
-                        );
-                    }
-                    for result in results {
-                        let event = RunEvent {
-                            kind: Some(run_event::Kind::Result(result)),
-                        };
-                        if !tx.send(Ok(event)) {
-                            return;
-                        }
-                    }
-                }
+        };
+        if results.len() < page.len() {
+            warn!(
+                run = %run_id,
+                missing = page.len() - results.len(),
+                "results a follower missed are not in the database"
+            );
+        }
+        for result in results {
+            let event = RunEvent {
+                kind: Some(run_event::Kind::Result(result)),
+            };
+            if !tx.send(Ok(event)) {
+                return false;
             }
         }
     }
+    true
 }
 
 /// One page of results, retried while the database is locked or busy.
@@ -513,6 +583,53 @@ mod tests {
                 _ => {}
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_reads_again_by_the_next_tick_is_live_again_and_misses_nothing() {
+        // No result is in the store: one read back from there would be missing.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("fly.sqlite")).expect("open");
+        let (tx, mut stream) = channel();
+        let mut followers = Followers::new(tx);
+        let mut sent = Vec::new();
+        let mut send = |followers: &mut Followers, index: u32| {
+            followers.send_stored_result(index, result_event(live_result(index)));
+            sent.push(index);
+        };
+        let mut index = 0;
+        while followers.behind() == 0 {
+            send(&mut followers, index);
+            index += 1;
+        }
+        // A hiccup: a few more results while it is behind, then it reads everything.
+        for _ in 0..100 {
+            send(&mut followers, index);
+            index += 1;
+        }
+        let mut got = Vec::new();
+        while let Some(Ok(RunEvent {
+            kind: Some(run_event::Kind::Result(result)),
+        })) = stream.try_recv()
+        {
+            got.push(result.test_index);
+        }
+        followers.catch_up(&store, RUN);
+        assert_eq!(followers.behind(), 0, "the follower is live again");
+        for _ in 0..100 {
+            send(&mut followers, index);
+            index += 1;
+        }
+        let finished = RunEvent {
+            kind: Some(run_event::Kind::Finished(RunFinished::default())),
+        };
+        followers.finish(&store, RUN, finished).await;
+        let mut rest = HashMap::new();
+        assert!(read_to_end(&mut stream, &mut rest).await);
+        let mut rest: Vec<u32> = rest.into_keys().collect();
+        rest.sort_unstable();
+        got.extend(rest);
+        assert_eq!(got, sent, "every result once, in order");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
