@@ -25,8 +25,8 @@
 //! - **Leases.** Every attempt at a test is a lease with a run-unique number. A test has at most
 //!   one current lease; reports for any other lease are superseded and change nothing.
 //! - **Reruns.** With `run --reruns N` a test whose attempt failed goes back to the queue front
-//!   up to N times, preferably to a worker that has not failed it; only its last attempt is its
-//!   result.
+//!   up to N times, preferably to another agent's worker, else to a worker that has not failed
+//!   it; only its last attempt is its result.
 //! - **Bounded requeues.** A test running when its worker or agent was lost is requeued at most
 //!   [`MAX_LOST_ATTEMPTS`] times; the next loss ends it (a test that kills its agent would
 //!   otherwise take down every agent of the farm, one after another, forever).
@@ -788,17 +788,24 @@ impl Scheduler {
         }
     }
 
-    /// Whether `key` should leave `test` to another worker: it failed the test before, and a
-    /// live worker that did not is there to take it.
+    /// Whether `key` should leave `test` to another worker: its agent's machine failed the
+    /// test before and a live worker of another agent is there to take it (a failure that
+    /// comes from the machine would come again there), or `key` itself failed it and another
+    /// live worker is there.
     fn avoids(&self, test: u32, key: WorkerKey) -> bool {
         let Some(failed_on) = self.avoid.get(&test) else {
             return false;
         };
-        failed_on.contains(&key)
-            && self
-                .workers
-                .iter()
-                .any(|(k, s)| !s.gone && !failed_on.contains(k))
+        let agent_failed = |agent: u32| failed_on.iter().any(|w| w.agent == agent);
+        let mut live = self
+            .workers
+            .iter()
+            .filter(|(_, s)| !s.gone)
+            .map(|(k, _)| *k);
+        if agent_failed(key.agent) && live.clone().any(|k| !agent_failed(k.agent)) {
+            return true;
+        }
+        failed_on.contains(&key) && live.any(|k| !failed_on.contains(&k))
     }
 
     /// Where the unit `key` takes next sits in the queue, from the front or from the back: the

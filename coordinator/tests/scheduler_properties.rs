@@ -838,6 +838,40 @@ fn a_failed_test_is_rerun_on_another_worker() {
     );
 }
 
+/// A rerun goes to another agent's machine while one has a live worker, not to the other
+/// worker of the machine that failed it.
+#[test]
+fn a_failed_test_is_rerun_on_another_agent_first() {
+    let mut scheduler = Scheduler::uniform(1);
+    scheduler.set_reruns(1);
+    scheduler.add_agent(0, 2, 1.0);
+    scheduler.add_agent(1, 1, 1.0);
+    let now = Instant::now();
+    let key = |agent, worker| WorkerKey { agent, worker };
+    let lease = match scheduler.handle(Event::WantWork(key(0, 0)), now).as_slice() {
+        [Action::Assign { leases, .. }] => leases[0],
+        other => panic!("{other:?}"),
+    };
+    // Both other workers ask and wait; the failure then sends the rerun to agent 1.
+    for worker in [key(0, 1), key(1, 0)] {
+        assert_eq!(
+            scheduler.handle(Event::WantWork(worker), now),
+            vec![Action::NoWork { worker }]
+        );
+    }
+    let rerun = scheduler.handle(
+        Event::Failed {
+            lease: lease.lease,
+            seconds: 0.1,
+        },
+        now,
+    );
+    assert!(
+        matches!(&rerun[1..], [Action::Assign { worker, .. }] if *worker == key(1, 0)),
+        "{rerun:?}"
+    );
+}
+
 /// With only the worker that failed it left, a rerun runs there rather than never.
 #[test]
 fn a_rerun_takes_the_same_worker_when_no_other_is_live() {
