@@ -143,9 +143,10 @@ struct RunArgs {
     /// this run's own.
     #[arg(long, value_name = "RUN_ID", conflicts_with = "pytest_args")]
     resume: Option<String>,
-    /// Run a failed test (outcome failed or error) again, up to N more times, on another
-    /// worker when one is free (as pytest-rerunfailures' --reruns). A test that fails and then
-    /// passes is flaky: it counts as passed and is named in the output.
+    /// Run a failed test (outcome failed or error) again, up to N more times (as
+    /// pytest-rerunfailures' --reruns), on another machine's worker when one is live, else on
+    /// another worker. A test that fails and then passes is flaky: it counts as passed and is
+    /// named in the output.
     #[arg(long, env = "FLY_RERUNS", value_name = "N", default_value_t = 0)]
     reruns: u32,
     /// Make flaky tests (failed, then passed on a rerun) fail the run with exit code 1.
