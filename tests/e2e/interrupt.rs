@@ -136,15 +136,7 @@ fn assert_nothing_left_behind(marks: &Path) {
 }
 
 fn sigint(process: &Proc) {
-    signal(process, libc::SIGINT);
-}
-
-fn signal(process: &Proc, signal: libc::c_int) {
-    let pid = libc::pid_t::try_from(process.pid()).expect("a pid");
-    // SAFETY: kill(2) on a child this test started and has not reaped yet.
-    unsafe {
-        libc::kill(pid, signal);
-    }
+    process.signal(libc::SIGINT);
 }
 
 /// Waits until the database at `db` holds at least `n` results.
@@ -326,7 +318,7 @@ fn a_run_outlives_its_coordinator_and_resume_runs_only_the_tests_without_a_resul
     });
     let interrupted = fly::run_connect(&client_dir, &first.url, &["-q"]);
     wait_for_results(&db, 2, &interrupted);
-    signal(first.process(), libc::SIGKILL);
+    first.process().signal(libc::SIGKILL);
     let interrupted = interrupted.wait(HANG_GUARD);
     assert_ne!(interrupted.code, Some(0), "{}", interrupted.describe());
     drop(agent_a);

@@ -32,14 +32,6 @@ def test_noisy(i):
 /// silent for its whole agent timeout is dropped and its run cancelled).
 const STOPPED_AT_MOST: Duration = Duration::from_secs(8);
 
-fn signal(process: &Proc, signal: libc::c_int) {
-    let pid = libc::pid_t::try_from(process.pid()).expect("a pid");
-    // SAFETY: kill(2) on a child this test started and has not reaped yet.
-    unsafe {
-        libc::kill(pid, signal);
-    }
-}
-
 #[test]
 fn a_stopped_client_falls_behind_and_still_gets_every_result_once() {
     let sandbox = Sandbox::new("slow-client");
@@ -65,7 +57,7 @@ fn a_stopped_client_falls_behind_and_still_gets_every_result_once() {
     let finished = |text: &str| metric(text, "fly_tests_finished_total").unwrap_or(0.0);
 
     // Stopped: it reads nothing while the run goes on.
-    signal(&client, libc::SIGSTOP);
+    client.signal(libc::SIGSTOP);
     let stopped = std::time::Instant::now();
     let behind_at = poll_until(STOPPED_AT_MOST, || {
         let (_, text) = get(&http, "/metrics", &[]);
@@ -78,7 +70,7 @@ fn a_stopped_client_falls_behind_and_still_gets_every_result_once() {
             (finished(&text) >= at + 500.0).then_some(())
         });
     }
-    signal(&client, libc::SIGCONT);
+    client.signal(libc::SIGCONT);
     let behind_at = behind_at.unwrap_or_else(|| {
         panic!(
             "the stopped client never fell behind\n{}\n--- coordinator ---\n{}",

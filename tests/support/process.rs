@@ -157,6 +157,19 @@ impl Proc {
         self.child.id()
     }
 
+    /// Sends the child `signal` (kill(2)): a user's Ctrl-C, a suspended terminal, a crash.
+    pub fn signal(&self, signal: libc::c_int) {
+        let Ok(pid) = libc::pid_t::try_from(self.pid()) else {
+            return;
+        };
+        if !self.reaped {
+            // SAFETY: kill(2) on our own child, not reaped yet, so its pid is still its own.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+
     /// Everything the child wrote to stdout so far.
     pub fn stdout_so_far(&self) -> String {
         self.stdout.text()
