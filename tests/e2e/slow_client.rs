@@ -28,9 +28,13 @@ def test_noisy(i):
     assert i < 0, f"on purpose {i}"
 "#;
 
-/// The longest the client stays stopped: well inside the coordinator's keepalive (a client
-/// silent for its whole agent timeout is dropped and its run cancelled).
-const STOPPED_AT_MOST: Duration = Duration::from_secs(8);
+/// The coordinator's `--agent-timeout` here: a connection silent that long (a stopped client's
+/// too) is dropped, and a dropped client's run is cancelled.
+const AGENT_TIMEOUT: &str = "120";
+
+/// The longest the client stays stopped: well inside [`AGENT_TIMEOUT`], however slowly a busy
+/// machine runs the suite.
+const STOPPED_AT_MOST: Duration = Duration::from_secs(60);
 
 #[test]
 fn a_stopped_client_falls_behind_and_still_gets_every_result_once() {
@@ -39,7 +43,12 @@ fn a_stopped_client_falls_behind_and_still_gets_every_result_once() {
     std::fs::write(project.join("test_noisy.py"), SUITE).expect("writing the suite");
     let db = sandbox.path("fly.db");
     let junit = sandbox.path("junit.xml");
-    let (coordinator, url, http) = serve(&sandbox.dir("coordinator"), &db, &[], &[]);
+    let (coordinator, url, http) = serve(
+        &sandbox.dir("coordinator"),
+        &db,
+        &["--agent-timeout", AGENT_TIMEOUT],
+        &[],
+    );
     let _agent = fly_tests::fly::agent_at("fly-agent", &url, &project, None, &[]);
 
     let mut command = Command::new(fly_binary("fly-coordinator"));
