@@ -77,6 +77,11 @@ impl FollowerTx {
     /// [`FollowerTx::queued_bytes`] first). False when the follower is gone.
     pub fn send(&self, event: Result<RunEvent, Status>) -> bool {
         let size = event.as_ref().map(|e| e.encoded_len()).unwrap_or(0);
+        self.send_sized(size, event)
+    }
+
+    /// [`FollowerTx::send`] of an event whose encoded size the caller has at hand.
+    fn send_sized(&self, size: usize, event: Result<RunEvent, Status>) -> bool {
         self.queue.bytes.fetch_add(size, Ordering::Relaxed);
         if self.tx.send((size, event)).is_err() {
             self.queue.bytes.fetch_sub(size, Ordering::Relaxed);
@@ -231,7 +236,7 @@ impl Followers {
         self.list.retain_mut(|follower| {
             if follower.behind.is_none() {
                 if follower.tx.queued_bytes() + size <= QUEUE_LIMIT {
-                    return follower.tx.send(Ok(event.clone()));
+                    return follower.tx.send_sized(size, Ok(event.clone()));
                 }
                 if follower.tx.is_closed() {
                     return false;
