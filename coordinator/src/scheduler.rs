@@ -1732,9 +1732,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_busy_worker_asking_ahead_leaves_the_next_long_test_to_a_worker_free_sooner() {
-        // Three workers; a 2 s test, two 1.5 s tests, then short ones.
+    /// Three workers; a 2 s test, two 1.5 s tests, then short ones. (0,0) has asked first and
+    /// holds the 2 s test: the scheduler, the durations and what (0,0) got.
+    fn long_tests_first_asked_by_one_of_three() -> (Scheduler, Vec<f64>, Vec<Lease>, Instant) {
         let mut durations = vec![2.0, 1.5, 1.5];
         durations.extend([0.05; 30]);
         let mut sched = known(&durations);
@@ -1742,6 +1742,12 @@ mod tests {
         let now = Instant::now();
         let first = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
         assert_eq!(first[0].test, 0, "the longest test first");
+        (sched, durations, first, now)
+    }
+
+    #[test]
+    fn a_busy_worker_asking_ahead_leaves_the_next_long_test_to_a_worker_free_sooner() {
+        let (mut sched, durations, first, now) = long_tests_first_asked_by_one_of_three();
         sched.handle(
             Event::Started {
                 lease: first[0].lease,
@@ -1827,13 +1833,7 @@ mod tests {
     #[test]
     fn a_worker_asking_before_it_reports_its_long_test_started_also_leaves_the_next_long_one() {
         // The worker asks for what follows before it reports the start of the test it takes.
-        let mut durations = vec![2.0, 1.5, 1.5];
-        durations.extend([0.05; 30]);
-        let mut sched = known(&durations);
-        sched.add_agent(0, 3, 1.0);
-        let now = Instant::now();
-        let first = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
-        assert_eq!(first[0].test, 0, "the longest test first");
+        let (mut sched, durations, _first, now) = long_tests_first_asked_by_one_of_three();
         let ahead = assigned(&sched.handle(Event::WantWork(w(0, 0)), now));
         assert!(
             ahead.iter().all(|l| durations[l.test as usize] < 1.0),
